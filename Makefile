@@ -1,0 +1,39 @@
+# Two commands: `make test` and `make demo`. Both set up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+DEMO   := data/demo
+DEMO_ROWS ?= 6000
+DEMO_EPOCHS ?= 8
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# torch first and by exact version: pip then takes the CPU wheel from local disk on our machines
+# instead of resolving a multi-GB CUDA build. vit-pytorch (the model oracle in the tests) goes in
+# with --no-deps because its metadata asks for torchvision, which we neither need nor can import.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	$(PIP) install -q --no-deps -c constraints.txt vit-pytorch
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	$(PY) -m pipeline.synth $(DEMO)/raw --process top --rows $(DEMO_ROWS) --files 2 --seed 1
+	$(PY) -m pipeline.convert $(DEMO)/raw $(DEMO)/top.h5 --cuts top --channels 0,1,2,3,4,5,6,7
+	@if command -v h5ls >/dev/null; then h5ls -r $(DEMO)/top.h5; else $(PY) -m pipeline.inspect $(DEMO)/top.h5; fi
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_convert.py
+
+clean:
+	rm -rf $(VENV) $(DEMO) *.egg-info
