@@ -1,0 +1,192 @@
+"""Checkpoints: one torch.save'd dict that is enough to rebuild the model AND resume training.
+
+    from massreg.checkpoint import load_checkpoint, restore
+    r = restore(load_checkpoint("runs/x/best_mre.pt"), torch.device("cpu"))   # r.model, r.normalizer, ...
+
+The payload (keys fixed by the API contract, version 1):
+    format "massreg-checkpoint", version 1,
+    model            state_dict of the UNcompiled, un-wrapped model (no `_orig_mod.` / `module.` prefixes)
+    model_config     asdict(ModelConfig)      train_config   asdict(TrainConfig)
+    optimizer, scheduler                      state_dicts (None in a checkpoint made only for inference)
+    epoch (completed), step (optimizer steps done), best {"val_loss", "val_mre", ...}
+    normalizer {"mode", "mean", "std", "reference_scale", "channels"}   target {"mean", "std"}
+    aux {"names", "mean", "std"}              data {"paths", "sizes", "channels", "stats"}
+    rng {"torch", "numpy", "python", "cuda"}  metrics_history [per-epoch dicts, as in metrics.csv]
+
+Everything in it is a tensor, a Python number / string / list / tuple / dict or None, so it loads with
+`torch.load(weights_only=True)`: opening a checkpoint cannot run code from the file.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "massreg-checkpoint"
+VERSION = 1
+REQUIRED_KEYS = ("model", "model_config", "train_config", "epoch", "step", "normalizer", "target", "aux", "data")
+
+
+class CheckpointError(Exception):
+    """A file that is not a massreg checkpoint, has another version, or does not fit the model asked for."""
+
+
+def to_plain(value: Any) -> Any:
+    """numpy scalars / arrays -> Python numbers / lists, recursively, so a payload loads with weights_only."""
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_plain(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
+    """Write `payload` (with format/version added) to `path` atomically: temp file beside it, then os.replace."""
+    path = Path(path)
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load and check a checkpoint; CheckpointError (one line, naming the file) for anything not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # pickle / zip / weights_only errors all mean "not a checkpoint we wrote"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a massreg checkpoint (torch.load failed: {first[:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a massreg checkpoint (no format '{FORMAT}'); "
+                              "pass a best_*.pt or last.pt written by massreg.train")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')!r}, this massreg reads "
+                              f"version {VERSION}; re-train or use the matching massreg release")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}; it was not written by massreg.train")
+    return ckpt
+
+
+def check_model_config(ckpt: dict, model_config: dict, *, source: str = "checkpoint") -> None:
+    """Raise CheckpointError naming every field where the checkpoint's model differs from `model_config`."""
+    stored = ckpt["model_config"]
+    diffs = [f"{k}: {stored.get(k)!r} in {source} vs {model_config.get(k)!r} asked"
+             for k in sorted(set(stored) | set(model_config)) if stored.get(k) != model_config.get(k)]
+    if diffs:
+        raise CheckpointError(f"{source} holds another model ({'; '.join(diffs)}); "
+                              "use the same --model/options as the run, or start a new run")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The raw module under torch.compile (`_orig_mod`) and DistributedDataParallel (`module`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+# ---- RNG state: torch, numpy's legacy global generator, Python's random (and CUDA where present) ----
+
+def capture_rng() -> dict:
+    """Every global RNG state, as tensors / plain Python values (weights_only-loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": random.getstate(),
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Inverse of capture_rng."""
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
+# ---- rebuild for inference ----
+
+@dataclass
+class Restored:
+    """What evaluate / predict need: the model in eval mode on the device, and the input/target transforms."""
+    model: torch.nn.Module
+    normalizer: torch.nn.Module
+    target: Any                   # massreg.data.TargetScaler
+    aux_scaler: Any               # massreg.data.AuxScaler or None when the model takes no aux
+    model_config: Any             # massreg.config.ModelConfig
+    train_config: dict
+    channels: list[str]
+
+
+def normalizer_stats(ckpt: dict) -> dict:
+    """The /stats subset Normalizer.from_stats needs, rebuilt from the checkpoint's normalizer entry."""
+    norm = ckpt["normalizer"]
+    stats = dict(ckpt["data"].get("stats") or {})
+    stats.update({"channel_mean": np.asarray(norm["mean"], dtype=np.float64),
+                  "channel_std": np.asarray(norm["std"], dtype=np.float64),
+                  "reference_scale": np.asarray(norm["reference_scale"], dtype=np.float64)})
+    return stats
+
+
+def restore(ckpt: dict, device: str | torch.device = "cpu") -> Restored:
+    """Rebuild model (eval mode), Normalizer, TargetScaler and AuxScaler from a loaded checkpoint."""
+    from massreg.config import ModelConfig, build_model
+    from massreg.data import AuxScaler, Normalizer, TargetScaler
+
+    device = torch.device(device)
+    try:
+        model_config = ModelConfig(**ckpt["model_config"])
+    except TypeError as exc:
+        raise CheckpointError(f"checkpoint model_config does not fit this massreg's ModelConfig: {exc}") from None
+    model = build_model(model_config)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"checkpoint weights do not fit its model_config: {first}") from None
+    model.to(device).eval()
+    channels = list(ckpt["normalizer"].get("channels") or ckpt["data"]["channels"])
+    normalizer = Normalizer.from_stats(normalizer_stats(ckpt), ckpt["normalizer"]["mode"], channels).to(device)
+    target = TargetScaler(mean=float(ckpt["target"]["mean"]), std=float(ckpt["target"]["std"]))
+    aux = ckpt["aux"]
+    aux_scaler = None
+    if aux and aux.get("names"):
+        aux_scaler = AuxScaler(names=tuple(aux["names"]), mean=np.asarray(aux["mean"], dtype=np.float64),
+                               std=np.asarray(aux["std"], dtype=np.float64))
+    return Restored(model=model, normalizer=normalizer, target=target, aux_scaler=aux_scaler,
+                    model_config=model_config, train_config=dict(ckpt["train_config"]), channels=channels)
