@@ -1,0 +1,482 @@
+"""Memory-mapped HDF5 dataset, batch loader and on-device normalisation for massreg.
+
+Usage:
+    ds = H5Images(["top_1of2.h5", "top_2of2.h5"], "train", aux=("pt", "ieta", "iphi"), flips=True, seed=1)
+    loader = make_loader(ds, batch_size=256, shuffle=True, seed=1, workers=2, epoch=epoch)  # once per epoch
+    norm = Normalizer.from_stats(ds.stats, "reference", ds.channels).to(device)
+    for batch in loader:                       # batch["images"]: float16 (B, C, 125, 125), not normalised
+        x = norm(batch["images"].to(device, non_blocking=True))   # float32 (B, C, 125, 125)
+
+Design (why it is fast and safe with DataLoader workers):
+- `/images` is contiguous float16 in the file (pipeline.layout), so numpy memory-maps it at its file offset;
+  no h5py handle is kept open after __init__, and the memmaps are opened lazily once per process (a forked
+  worker re-opens its own; pickling drops them), so a dataset pickles to metadata plus the small label arrays.
+- A batch is one `__getitems__` call: indices are sorted (sequential reads), grouped by file, read with one
+  fancy index per file, then put back in the requested order. Images stay float16 on the host; conversion to
+  float32 and normalisation happen on the device (`Normalizer`), which halves host memory traffic.
+- Flips are a pure function of (seed, epoch, global row), so resumed runs and any number of workers agree.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
+
+from pipeline import layout
+
+CLIP_CHANNELS = ("dz", "d0")  # impact parameters: clipped to +-1 after the reference scale (CONTEXT.md)
+NORM_MODES = ("stats", "reference")
+_FIX = "re-run pipeline.convert to write a file in the current layout"
+
+
+class LayoutError(Exception):
+    """A file that is not in our HDF5 layout (one line: which file, what is wrong, what to do)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# seeded hashing: reproducible randomness that depends only on its inputs, not on process or call order
+
+
+def _key64(text: str) -> np.uint64:
+    return np.uint64(int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little"))
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser of a uint64 array (the same mixer as layout.split_codes)."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of the shuffling generator for one epoch: a hash of (seed, epoch), so epochs are decorrelated."""
+    return int(_key64(f"shuffle/{seed}/{epoch}") >> np.uint64(1))  # < 2**63, accepted by manual_seed
+
+
+def flip_masks(seed: int, epoch: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows to flip in eta (H axis) and in phi (W axis): two independent fair coins per row.
+
+    rows: (B,) global row numbers (position in the concatenated files). Returns two (B,) bool arrays, a pure
+    function of (seed, epoch, row).
+    """
+    with np.errstate(over="ignore"):
+        z = _splitmix64(np.asarray(rows, dtype=np.uint64) + _key64(f"flips/{seed}/{epoch}"))
+    return (z >> np.uint64(63)).astype(bool), ((z >> np.uint64(62)) & np.uint64(1)).astype(bool)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the dataset
+
+
+@dataclass(frozen=True)
+class _FileMeta:
+    path: str
+    offset: int             # byte offset of /images in the file
+    shape: tuple            # (N, C, 125, 125)
+    dtype: str              # "<f2"
+    size: int               # file size in bytes
+    format_version: int
+
+
+def _names(value) -> list[str]:
+    """Channel names from an HDF5 attribute: an array of (byte) strings or a JSON list."""
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = [value]
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in np.atleast_1d(value)]
+
+
+def _read_file(path: str, split: str | None, aux: Sequence[str]) -> tuple[_FileMeta, list[str], dict, np.ndarray,
+                                                                         np.ndarray, np.ndarray]:
+    """Validate one file and read its small parts: (meta, channels, stats, local rows, m (n,), aux (n, K))."""
+    if not os.path.isfile(path):
+        raise LayoutError(f"{path}: no such file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise LayoutError(f"{path}: not an HDF5 file ({err}); {_FIX}") from None
+    with f:
+        fmt, version = f.attrs.get("format"), f.attrs.get("format_version")
+        fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+        if fmt != layout.FORMAT_NAME:
+            raise LayoutError(f"{path}: format attribute is {fmt!r}, expected {layout.FORMAT_NAME!r}; {_FIX}")
+        if version is None or int(version) != layout.FORMAT_VERSION:
+            raise LayoutError(f"{path}: format_version is {version}, this massreg reads version "
+                              f"{layout.FORMAT_VERSION}; {_FIX}")
+        need = ["images", "labels/m", "stats"] + [f"split/{s}" for s in layout.SPLITS]
+        missing = [n for n in need if n not in f]
+        if missing:
+            raise LayoutError(f"{path}: missing {', '.join('/' + n for n in missing)}; {_FIX}")
+        dset = f["images"]
+        shape = tuple(int(s) for s in dset.shape)
+        if len(shape) != 4 or shape[2:] != (layout.IMAGE_SIZE, layout.IMAGE_SIZE):
+            raise LayoutError(f"{path}: /images has shape {shape}, expected (N, C, {layout.IMAGE_SIZE}, "
+                              f"{layout.IMAGE_SIZE}); {_FIX}")
+        if dset.dtype != np.dtype("<f2"):
+            raise LayoutError(f"{path}: /images has dtype {dset.dtype}, expected little-endian float16; {_FIX}")
+        if dset.chunks is not None or dset.compression is not None:
+            raise LayoutError(f"{path}: /images is chunked (chunks={dset.chunks}, compression={dset.compression})"
+                              f" and cannot be memory-mapped; {_FIX} (it writes contiguous, unfiltered images)")
+        offset = dset.id.get_offset()
+        if offset is None and shape[0] > 0:
+            raise LayoutError(f"{path}: /images has no contiguous storage in the file (unallocated or external)"
+                              f" and cannot be memory-mapped; {_FIX}")
+        size = os.path.getsize(path)
+        nbytes = int(np.prod(shape)) * 2
+        if shape[0] > 0 and offset + nbytes > size:
+            raise LayoutError(f"{path}: file is truncated ({size} bytes, /images ends at byte {offset + nbytes});"
+                              f" {_FIX}")
+        channels = _names(dset.attrs["channels"] if "channels" in dset.attrs else f.attrs.get("channels", []))
+        if len(channels) != shape[1]:
+            raise LayoutError(f"{path}: /images has {shape[1]} channels but {len(channels)} channel names "
+                              f"{channels}; {_FIX}")
+        n = shape[0]
+        if split is None:
+            rows = np.arange(n, dtype=np.int64)
+        else:
+            rows = np.asarray(f["split"][split][()], dtype=np.int64)
+            if rows.ndim != 1 or (rows.size and (rows[0] < 0 or rows[-1] >= n or np.any(np.diff(rows) <= 0))):
+                raise LayoutError(f"{path}: /split/{split} is not a sorted list of distinct row numbers in "
+                                  f"[0, {n}); {_FIX}")
+        labels = f["labels"]
+        m = np.asarray(labels["m"][()])
+        if m.shape != (n,):
+            raise LayoutError(f"{path}: /labels/m has shape {m.shape}, expected ({n},); {_FIX}")
+        cols = []
+        for name in aux:
+            if name not in labels or labels[name].shape != (n,):
+                present = sorted(k for k in labels if k not in layout.LABEL_META)
+                raise LayoutError(f"{path}: auxiliary input {name!r} is not a label of this file "
+                                  f"(labels present: {', '.join(present)}); choose --aux from these")
+            cols.append(np.asarray(labels[name][()], dtype=np.float32)[rows])
+        stats = {k: v[()] for k, v in f["stats"].items()}
+        if "n_train" not in stats:
+            raise LayoutError(f"{path}: /stats has no n_train (not written by pipeline.convert); {_FIX}")
+        meta = _FileMeta(path=path, offset=int(offset or 0), shape=shape, dtype="<f2", size=size,
+                         format_version=int(version))
+        aux_arr = np.stack(cols, axis=1) if cols else np.zeros((rows.size, 0), dtype=np.float32)
+        return meta, channels, stats, rows, m[rows].astype(np.float32), aux_arr
+
+
+class H5Images(Dataset):
+    """Rows of one split of one or several HDF5 files in the massreg layout, read through numpy memmaps.
+
+    paths: one path or a list (several files or shards are one data set: rows concatenated in the given order,
+    split indices offset per file). split: "train", "val", "test", or None for every row. aux: label names
+    returned as "aux" (raw values; scale them with AuxScaler). flips: random flips in eta and phi (training).
+
+    A batch (``__getitems__``) is a dict: "images" float16 (B, C, 125, 125) as stored (not normalised),
+    "m" float32 (B,) GeV, "aux" float32 (B, len(aux)), "index" int64 (B,) position within this split.
+    """
+
+    def __init__(self, paths, split: str | None = "train", *, aux: Sequence[str] = (), flips: bool = False,
+                 seed: int = 0):
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        paths = [os.fspath(p) for p in paths]
+        if not paths:
+            raise ValueError("H5Images needs at least one file")
+        if split is not None and split not in layout.SPLITS:
+            raise ValueError(f"split must be one of {layout.SPLITS} or None, not {split!r}")
+        real = [os.path.realpath(p) for p in paths]
+        for i, r in enumerate(real):
+            if r in real[:i]:
+                raise LayoutError(f"{paths[i]}: listed twice; each file (shard) may appear once")
+        self.split, self.aux_names, self.flips, self.seed = split, tuple(aux), bool(flips), int(seed)
+        self.epoch = 0
+        metas, stats, rows, m, aux_cols = [], [], [], [], []
+        start = 0  # global row number of the current file's first row
+        for path in paths:
+            meta, channels, st, local, m_k, aux_k = _read_file(path, split, self.aux_names)
+            if metas and channels != self._channels:
+                raise LayoutError(f"{path} has channels {channels} but {metas[0].path} has {self._channels}; "
+                                  f"files read together must be converted with the same --channels")
+            self._channels = channels
+            metas.append(meta)
+            stats.append(st)
+            rows.append(local + start)
+            m.append(m_k)
+            aux_cols.append(aux_k)
+            start += meta.shape[0]
+        self._files = metas
+        self._starts = np.cumsum([0] + [f.shape[0] for f in metas]).astype(np.int64)  # (F+1,) global offsets
+        self._rows = np.concatenate(rows)   # (n,) global row of each split position; sorted, since splits are
+        self._m = np.concatenate(m)         # (n,) float32
+        self._aux = np.concatenate(aux_cols)  # (n, K) float32
+        self._stats = stats[0] if len(stats) == 1 else layout.combine_stats(stats)
+        self._maps: list[np.ndarray] | None = None  # opened lazily, once per process (see _images)
+        self._pid: int | None = None
+
+    # -- metadata --------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._rows.size)
+
+    def __repr__(self) -> str:
+        return (f"H5Images({len(self._files)} file(s), split={self.split!r}, rows={len(self)}, "
+                f"channels={self._channels}, aux={list(self.aux_names)}, flips={self.flips})")
+
+    @property
+    def channels(self) -> list[str]:
+        return list(self._channels)
+
+    @property
+    def paths(self) -> list[str]:
+        return [f.path for f in self._files]
+
+    @property
+    def stats(self) -> dict:
+        """/stats of the file, or of all files combined exactly from their sums (layout.combine_stats)."""
+        return dict(self._stats)
+
+    @property
+    def rows(self) -> np.ndarray:
+        """(n,) int64 global row (in the concatenated files) of each position of this split."""
+        return self._rows.copy()
+
+    @property
+    def targets(self) -> np.ndarray:
+        """(n,) float32 mass in GeV of each position of this split (without touching the images)."""
+        return self._m.copy()
+
+    def file_info(self) -> list[dict]:
+        """One dict per file: path, size (bytes), format_version; recorded in checkpoints."""
+        return [{"path": f.path, "size": f.size, "format_version": f.format_version} for f in self._files]
+
+    def locate(self, index) -> tuple[np.ndarray, np.ndarray]:
+        """(file number, row within that file) of split positions `index`, both int64 arrays."""
+        rows = self._rows[np.asarray(index, dtype=np.int64)]
+        file = np.searchsorted(self._starts, rows, side="right") - 1
+        return file, rows - self._starts[file]
+
+    def label(self, name: str) -> np.ndarray:
+        """Any /labels/<name> (e.g. source_row) for every position of this split, read now with h5py."""
+        parts = []
+        for k, f in enumerate(self._files):
+            with h5py.File(f.path, "r") as h5:
+                if name not in h5["labels"]:
+                    raise LayoutError(f"{f.path}: no /labels/{name}")
+                sel = self._rows[(self._rows >= self._starts[k]) & (self._rows < self._starts[k + 1])]
+                parts.append(np.asarray(h5["labels"][name][()])[sel - self._starts[k]])
+        return np.concatenate(parts)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the flips of this epoch (call before iterating; make_loader does it)."""
+        self.epoch = int(epoch)
+
+    # -- process-local memmaps -------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_maps"], state["_pid"] = None, None  # never ship an open mapping to another process
+        return state
+
+    def _images(self) -> list[np.ndarray]:
+        """The (N, C, 125, 125) float16 memmap of each file, opened on first use in this process."""
+        if self._maps is None or self._pid != os.getpid():  # a forked worker opens its own
+            self._maps = [np.memmap(f.path, mode="r", dtype=f.dtype, offset=f.offset, shape=f.shape)
+                          .view(np.ndarray) if f.shape[0] else np.zeros(f.shape, np.float16) for f in self._files]
+            self._pid = os.getpid()
+        return self._maps
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def __getitems__(self, indices) -> dict:
+        """A whole batch: one sorted fancy read per file, returned in the order of `indices` (duplicates ok)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)  # (B,)
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"index out of range for a split of {n} rows")
+        idx = np.where(idx < 0, idx + n, idx)
+        # Sorted distinct positions; positions and global rows are both ascending, so sorting one sorts both.
+        uniq, inverse = np.unique(idx, return_inverse=True)   # (U,), (B,)
+        rows = self._rows[uniq]                                # (U,) ascending global rows
+        maps = self._images()
+        c = self._files[0].shape[1] if self._files else 0
+        buf = np.empty((uniq.size, c, layout.IMAGE_SIZE, layout.IMAGE_SIZE), dtype=np.float16)  # (U, C, H, W)
+        bounds = np.searchsorted(rows, self._starts)           # (F+1,) slice of `rows` in each file
+        for k in range(len(self._files)):                      # loop over files, not rows
+            lo, hi = bounds[k], bounds[k + 1]
+            if hi > lo:
+                # mode="clip" (indices are checked above) lets numpy write straight into `out`; the default
+                # mode="raise" would buffer the whole read and copy it again.
+                np.take(maps[k], rows[lo:hi] - self._starts[k], axis=0, out=buf[lo:hi], mode="clip")
+        images = torch.from_numpy(buf)
+        if uniq.size != idx.size or not np.array_equal(uniq, idx):  # restore the requested order
+            images = images[torch.from_numpy(inverse.reshape(-1))]
+        if self.flips:
+            eta, phi = flip_masks(self.seed, self.epoch, self._rows[idx])
+            if eta.any():
+                sel = torch.from_numpy(eta)
+                images[sel] = images[sel].flip(2)  # eta is the H axis of (B, C, H, W)
+            if phi.any():
+                sel = torch.from_numpy(phi)
+                images[sel] = images[sel].flip(3)  # phi is the W axis
+        return {"images": images,
+                "m": torch.from_numpy(self._m[idx]),
+                "aux": torch.from_numpy(self._aux[idx]),
+                "index": torch.from_numpy(idx)}
+
+    def __getitem__(self, i) -> dict:
+        if np.ndim(i) > 0:  # a whole batch (DataLoader with batch_size=None and a batch sampler)
+            return self.__getitems__(i)
+        batch = self.__getitems__([i])
+        return {k: v[0] for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loader
+
+
+def _whole_batch(batch):
+    """collate_fn: __getitems__ already returns the collated batch dict."""
+    return batch
+
+
+def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, workers: int = 0,
+                drop_last: bool = False, epoch: int = 0, sampler: Sampler | None = None,
+                multiprocessing_context=None, prefetch_factor: int | None = None) -> DataLoader:
+    """A DataLoader that fetches each batch with one ``dataset.__getitems__`` call.
+
+    Build one per epoch (it is cheap): the shuffling generator is seeded from (seed, epoch), the dataset's
+    flips and a `sampler`'s set_epoch (torch DistributedSampler) are set to `epoch`, so a resumed run
+    sees the same batches. `sampler` replaces the built-in shuffling (pass shuffle=False with it).
+    Host memory is pinned when CUDA is available.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+    if sampler is not None and shuffle:
+        raise ValueError("pass shuffle=False with a sampler: the sampler decides the order")
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    if sampler is None:
+        if shuffle:
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
+        else:
+            sampler = SequentialSampler(dataset)
+    elif hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    # batch_sampler + __getitems__ (the DataLoader's documented batched path) measured as fast as
+    # batch_size=None with a BatchSampler as sampler (benchmarks/bench_loader.py).
+    return DataLoader(dataset, batch_sampler=BatchSampler(sampler, batch_size, drop_last),
+                      collate_fn=_whole_batch, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      multiprocessing_context=multiprocessing_context if workers else None,
+                      prefetch_factor=prefetch_factor if workers else None, persistent_workers=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# normalisation (on the device) and scalers
+
+
+class Normalizer(torch.nn.Module):
+    """float16 images -> float32, per channel (x - mean) / std, then clipped to [-clip, clip].
+
+    mode "stats": mean/std are the train-split channel_mean/channel_std of the file (a channel with std 0
+    gets std 1). mode "reference": mean 0, std 1/reference_scale (the fixed scales of the stronger public
+    submissions, stored in the file), dz and d0 clipped to +-1. State lives in buffers, so .to(device) moves it.
+    """
+
+    def __init__(self, mean, std, clip=None, *, mode: str = "stats", channels: Sequence[str] = ()):
+        super().__init__()
+        mean = torch.as_tensor(np.asarray(mean, dtype=np.float64), dtype=torch.float32).reshape(-1)
+        std = torch.as_tensor(np.asarray(std, dtype=np.float64), dtype=torch.float32).reshape(-1)
+        clip = torch.full_like(mean, float("inf")) if clip is None else \
+            torch.as_tensor(np.asarray(clip, dtype=np.float64), dtype=torch.float32).reshape(-1)
+        if not (mean.shape == std.shape == clip.shape) or bool((std <= 0).any()):
+            raise ValueError(f"Normalizer needs mean, std, clip of one length and std > 0; got {mean}, {std}")
+        if mode not in NORM_MODES:
+            raise ValueError(f"normalisation mode must be one of {NORM_MODES}, not {mode!r}")
+        self.mode, self.channels = mode, list(channels)
+        self.register_buffer("mean", mean.view(1, -1, 1, 1))  # (1, C, 1, 1) broadcast over (B, C, H, W)
+        self.register_buffer("std", std.view(1, -1, 1, 1))
+        self.register_buffer("clip", clip.view(1, -1, 1, 1))
+        self._clipped = bool(torch.isfinite(clip).any())  # decided here, not per batch (no device sync)
+
+    @classmethod
+    def from_stats(cls, stats: dict, mode: str = "stats", channels: Sequence[str] | None = None) -> "Normalizer":
+        """From a file's /stats (H5Images.stats); `channels` are the stored channel names (H5Images.channels)."""
+        if mode == "stats":
+            mean = np.asarray(stats["channel_mean"], dtype=np.float64)
+            std = np.asarray(stats["channel_std"], dtype=np.float64)
+            return cls(mean, np.where(std > 0, std, 1.0), mode=mode, channels=channels or ())
+        if mode == "reference":
+            scale = np.asarray(stats["reference_scale"], dtype=np.float64)
+            if channels is None or len(channels) != scale.size:
+                raise ValueError(f"reference normalisation needs the {scale.size} channel names of the file")
+            clip = np.where(np.isin(list(channels), CLIP_CHANNELS), 1.0, np.inf)
+            return cls(np.zeros_like(scale), 1.0 / scale, clip, mode=mode, channels=channels)
+        raise ValueError(f"normalisation mode must be one of {NORM_MODES}, not {mode!r}")
+
+    def to_dict(self) -> dict:
+        """Plain-python state for a checkpoint; Normalizer.from_dict(d) rebuilds it."""
+        return {"mode": self.mode, "channels": self.channels, "mean": self.mean.flatten().tolist(),
+                "std": self.std.flatten().tolist(), "clip": self.clip.flatten().tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Normalizer":
+        clip, channels = d.get("clip"), d.get("channels") or ()
+        if clip is None and d["mode"] == "reference":  # a dict of only mode/mean/std: clip from the names
+            clip = np.where(np.isin(list(channels), CLIP_CHANNELS), 1.0, np.inf) if channels else None
+        return cls(d["mean"], d["std"], clip, mode=d["mode"], channels=channels)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        assert images.ndim == 4 and images.shape[1] == self.mean.shape[1], \
+            f"expected (B, {self.mean.shape[1]}, H, W) images, got {tuple(images.shape)}"
+        x = (images.to(torch.float32) - self.mean) / self.std  # (B, C, H, W) float32
+        if self._clipped:
+            x = torch.minimum(torch.maximum(x, -self.clip), self.clip)
+        return x
+
+
+@dataclass
+class TargetScaler:
+    """Standardises the mass: z = (m - mean) / std with the train-split m_mean / m_std; decode inverts it."""
+    mean: float
+    std: float
+
+    @classmethod
+    def from_stats(cls, stats: dict) -> "TargetScaler":
+        mean, std = float(stats["m_mean"]), float(stats["m_std"])
+        if not std > 0:
+            raise ValueError(f"m_std is {std}: the train split has a single mass value, nothing to regress")
+        return cls(mean, std)
+
+    def encode(self, m_gev):
+        return (m_gev - self.mean) / self.std
+
+    def decode(self, z):
+        return z * self.std + self.mean
+
+
+@dataclass
+class AuxScaler:
+    """Standardises auxiliary inputs (B, K) with the train-split <name>_mean / <name>_std of each name."""
+    names: tuple
+    mean: tuple
+    std: tuple
+
+    @classmethod
+    def from_stats(cls, stats: dict, names: Sequence[str]) -> "AuxScaler":
+        missing = [n for n in names if f"{n}_mean" not in stats or f"{n}_std" not in stats]
+        if missing:
+            raise ValueError(f"/stats has no mean/std for {missing}; re-run pipeline.convert")
+        std = tuple(float(stats[f"{n}_std"]) if float(stats[f"{n}_std"]) > 0 else 1.0 for n in names)
+        return cls(tuple(names), tuple(float(stats[f"{n}_mean"]) for n in names), std)
+
+    def encode(self, aux):
+        """aux: (B, K) raw values (tensor or array) -> standardised, same type, device and dtype."""
+        if isinstance(aux, torch.Tensor):
+            mean = torch.tensor(self.mean, dtype=aux.dtype).to(aux.device, non_blocking=True)
+            std = torch.tensor(self.std, dtype=aux.dtype).to(aux.device, non_blocking=True)
+            return (aux - mean) / std
+        return (np.asarray(aux) - np.asarray(self.mean)) / np.asarray(self.std)

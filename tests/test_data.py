@@ -1,0 +1,321 @@
+"""massreg.data: the memory-mapped dataset, its loader, flips and normalisation, against h5py/numpy oracles.
+
+The files are built here directly with h5py in the layout of pipeline/layout.py (tiny: tens of rows).
+"""
+from __future__ import annotations
+
+import pickle
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.utils.data.distributed import DistributedSampler
+
+from massreg import data as D
+from massreg.data import AuxScaler, H5Images, LayoutError, Normalizer, TargetScaler, make_loader
+from pipeline import layout
+
+S = layout.IMAGE_SIZE
+CHANNELS = ("track_pt", "dz", "d0")
+LABELS = ("m", "pt", "ieta", "iphi")
+
+
+def make_rows(rng, n, c=len(CHANNELS)):
+    """Sparse float16 images with signed values (so flips and clipping are visible) and labels."""
+    x = rng.standard_normal((n, c, S, S)).astype(np.float32) * 3
+    x[rng.random(x.shape) < 0.9] = 0
+    labels = {"m": rng.uniform(85, 500, n), "pt": rng.uniform(400, 1000, n),
+              "ieta": rng.integers(12, 44, n).astype(np.float64), "iphi": rng.integers(0, 72, n).astype(np.float64),
+              "source_row": np.arange(n, dtype=np.int64)}
+    codes = rng.choice(3, size=n, p=[0.6, 0.2, 0.2])
+    splits = {s: np.flatnonzero(codes == i).astype(np.int64) for i, s in enumerate(layout.SPLITS)}
+    return x.astype(np.float16), labels, splits
+
+
+def write_file(path, images, labels, splits, channels=CHANNELS, *, chunks=None, compression=None,
+               fmt=layout.FORMAT_NAME, version=layout.FORMAT_VERSION, skip=()):
+    """A file in the layout (what pipeline.convert writes), with `skip` paths left out to make it broken."""
+    with h5py.File(path, "w") as f:
+        f.attrs["format"], f.attrs["format_version"] = fmt, version
+        if "images" not in skip:
+            d = f.create_dataset("images", data=images, chunks=chunks, compression=compression)
+            d.attrs["channels"] = list(channels)
+        for k, v in labels.items():
+            if f"labels/{k}" not in skip:
+                f[f"labels/{k}"] = v
+        for s, r in splits.items():
+            if f"split/{s}" not in skip:
+                f[f"split/{s}"] = r
+        if "stats" in skip:
+            return path
+        train = images[splits["train"]].astype(np.float64)
+        st = f.create_group("stats")
+        st["n_train"] = np.int64(len(splits["train"]))
+        count = np.full(images.shape[1], train.shape[0] * S * S, dtype=np.float64)
+        total, sumsq = train.sum(axis=(0, 2, 3)), (train ** 2).sum(axis=(0, 2, 3))
+        mean, std = layout.finish_stats(count, total, sumsq)
+        for k, v in dict(count=count, sum=total, sumsq=sumsq, mean=mean, std=std, max=train.max(axis=(0, 2, 3))).items():
+            st[f"channel_{k}"] = v
+        st["reference_scale"] = np.array([layout.REFERENCE_SCALES[c] for c in channels])
+        for name in LABELS:
+            v = labels[name][splits["train"]]
+            mean, std = layout.finish_stats(len(v), v.sum(), (v ** 2).sum())
+            for k, val in dict(count=float(len(v)), sum=v.sum(), sumsq=(v ** 2).sum(), mean=mean, std=std,
+                               min=v.min(), max=v.max()).items():
+                st[f"{name}_{k}"] = val
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_files(tmp_path_factory):
+    """Two files of 23 and 17 rows; returns (paths, [(images, labels, splits), ...])."""
+    rng = np.random.default_rng(7)
+    d = tmp_path_factory.mktemp("data")
+    parts = [make_rows(rng, 23), make_rows(rng, 17)]
+    paths = [str(write_file(d / f"shard{i}.h5", *p)) for i, p in enumerate(parts)]
+    return paths, parts
+
+
+def oracle(paths, parts, split, positions, aux=()):
+    """Independent reading with h5py: (images, m, aux) of split positions, in the order asked."""
+    where = [(k, r) for k, p in enumerate(parts) for r in (p[2][split] if split else range(len(p[0])))]
+    imgs, ms, auxs = [], [], []
+    for pos in positions:
+        k, r = where[pos]
+        with h5py.File(paths[k], "r") as f:
+            imgs.append(f["images"][r])
+            ms.append(f["labels/m"][r])
+            auxs.append([f[f"labels/{a}"][r] for a in aux])
+    return np.stack(imgs), np.array(ms, np.float32), np.array(auxs, np.float32).reshape(len(positions), len(aux))
+
+
+def bits(t):
+    """Exact comparison of float16 data (bit patterns, so -0.0 and 0.0 differ)."""
+    return np.asarray(t).view(np.uint16)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test", None])
+def test_batches_equal_h5py_across_two_files(two_files, split):
+    paths, parts = two_files
+    ds = H5Images(paths, split, aux=("pt", "iphi"))
+    expect_len = sum(len(p[2][split]) if split else len(p[0]) for p in parts)
+    assert len(ds) == expect_len
+    rng = np.random.default_rng(1)
+    idx = rng.integers(0, len(ds), 20)          # unsorted, duplicates, both files
+    idx[:3] = [len(ds) - 1, 0, len(ds) - 1]
+    batch = ds.__getitems__(idx.tolist())
+    img, m, aux = oracle(paths, parts, split, idx, ("pt", "iphi"))
+    assert batch["images"].dtype == torch.float16 and batch["images"].shape == (20, 3, S, S)
+    np.testing.assert_array_equal(bits(batch["images"].numpy()), bits(img))
+    np.testing.assert_array_equal(batch["m"].numpy(), m)
+    assert batch["m"].dtype == torch.float32 and batch["aux"].dtype == torch.float32
+    np.testing.assert_array_equal(batch["aux"].numpy(), aux)
+    np.testing.assert_array_equal(batch["index"].numpy(), idx)
+    one = ds[int(idx[5])]
+    np.testing.assert_array_equal(bits(one["images"].numpy()), bits(img[5]))
+    assert one["m"].item() == m[5] and one["index"].item() == idx[5]
+
+
+def test_split_sizes_rows_and_labels(two_files):
+    paths, parts = two_files
+    sizes = {s: len(H5Images(paths, s)) for s in layout.SPLITS}
+    assert sum(sizes.values()) == len(H5Images(paths, None)) == 40
+    ds = H5Images(paths, "val")
+    expect = np.concatenate([parts[0][2]["val"], parts[1][2]["val"] + 23])
+    np.testing.assert_array_equal(ds.rows, expect)
+    file, row = ds.locate(np.arange(len(ds)))
+    np.testing.assert_array_equal(row, np.concatenate([parts[0][2]["val"], parts[1][2]["val"]]))
+    np.testing.assert_array_equal(ds.label("source_row"), row)
+    np.testing.assert_array_equal(file, np.repeat([0, 1], [len(parts[0][2]["val"]), len(parts[1][2]["val"])]))
+    assert ds.channels == list(CHANNELS) and ds.paths == paths
+    info = ds.file_info()
+    assert [i["format_version"] for i in info] == [1, 1] and all(i["size"] > 23 * 3 * S * S for i in info[:1])
+
+
+def test_edge_indices(two_files):
+    paths, _ = two_files
+    ds = H5Images(paths[0], "train")
+    assert ds.__getitems__([])["images"].shape == (0, 3, S, S)
+    np.testing.assert_array_equal(bits(ds[-1]["images"]), bits(ds[len(ds) - 1]["images"]))
+    with pytest.raises(IndexError):
+        ds.__getitems__([len(ds)])
+
+
+def test_combined_stats_equal_numpy_over_concatenated_train_rows(two_files):
+    paths, parts = two_files
+    st = H5Images(paths).stats
+    train = np.concatenate([p[0][p[2]["train"]] for p in parts]).astype(np.float64)  # (n, C, H, W)
+    np.testing.assert_allclose(st["channel_mean"], train.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(st["channel_std"], train.std(axis=(0, 2, 3)), rtol=1e-10)
+    np.testing.assert_array_equal(st["channel_max"], train.max(axis=(0, 2, 3)))
+    m = np.concatenate([p[1]["m"][p[2]["train"]] for p in parts])
+    np.testing.assert_allclose([st["m_mean"], st["m_std"]], [m.mean(), m.std()], rtol=1e-12)
+    assert st["n_train"] == len(m)
+    np.testing.assert_array_equal(st["reference_scale"], [0.01, 0.05, 0.1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# refusing what is not our layout
+
+
+def _small(rng=np.random.default_rng(3)):
+    return make_rows(rng, 6)
+
+
+@pytest.mark.parametrize("how, expect", [
+    (dict(chunks=(1, 3, S, S)), "chunked"),
+    (dict(compression="gzip"), "chunked"),
+    (dict(skip=("images",)), "missing /images"),
+    (dict(skip=("labels/m",)), "missing /labels/m"),
+    (dict(skip=("split/val",)), "missing /split/val"),
+    (dict(skip=("stats",)), "missing /stats"),
+    (dict(fmt="something-else"), "format attribute is 'something-else'"),
+    (dict(version=99), "format_version is 99"),
+])
+def test_refuses_files_not_in_our_layout(tmp_path, how, expect):
+    path = write_file(tmp_path / "bad.h5", *_small(), **how)
+    with pytest.raises(LayoutError) as err:
+        H5Images(path, "train")
+    msg = str(err.value)
+    assert str(path) in msg and expect in msg and "pipeline.convert" in msg and "\n" not in msg
+
+
+def test_refuses_mismatched_channels_missing_aux_and_non_hdf5(tmp_path, two_files):
+    other = write_file(tmp_path / "other.h5", *_small(), channels=("track_pt", "d0", "dz"))
+    with pytest.raises(LayoutError, match="same --channels") as err:
+        H5Images([two_files[0][0], other])
+    assert str(other) in str(err.value) and two_files[0][0] in str(err.value)
+    with pytest.raises(LayoutError, match="'eta' is not a label.*ieta"):
+        H5Images(two_files[0][0], aux=("eta",))
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5 at all")
+    with pytest.raises(LayoutError, match="not an HDF5 file"):
+        H5Images(junk)
+    with pytest.raises(LayoutError, match="listed twice"):
+        H5Images([two_files[0][0], two_files[0][0]])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# processes
+
+
+def test_pickles_cheaply_and_reopens_per_process(two_files, monkeypatch):
+    paths, _ = two_files
+    ds = H5Images(paths, "train")
+    first = ds[0]["images"]                    # opens the memmaps in this process
+    assert ds._maps is not None
+    blob = pickle.dumps(ds)
+    assert len(blob) < 4096 + 64 * len(ds)      # metadata + labels; images are 40 * 94 kB
+    clone = pickle.loads(blob)
+    assert clone._maps is None
+    np.testing.assert_array_equal(bits(clone[0]["images"]), bits(first))
+    maps = ds._maps
+    monkeypatch.setattr(D.os, "getpid", lambda: -1)  # as seen from a forked child
+    ds[0]
+    assert ds._maps is not maps
+
+
+def batches(loader):
+    out = [{k: v.clone() for k, v in b.items()} for b in loader]
+    return {k: torch.cat([b[k] for b in out]) for k in out[0]}, [len(b["index"]) for b in out]
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_workers_yield_the_same_batches(two_files, context):
+    paths, _ = two_files
+    ds = H5Images(paths, "train", aux=("ieta",), flips=True, seed=5)
+    ds[0]  # memmaps open in the parent: a forked worker must not reuse them
+    ref, sizes = batches(make_loader(ds, batch_size=4, shuffle=True, seed=3, epoch=2))
+    got, sizes2 = batches(make_loader(ds, batch_size=4, shuffle=True, seed=3, epoch=2, workers=2,
+                                      multiprocessing_context=context))
+    assert sizes == sizes2 and sizes[:-1] == [4] * (len(sizes) - 1)
+    for k in ref:
+        np.testing.assert_array_equal(ref[k].numpy(), got[k].numpy())
+    assert sorted(ref["index"].tolist()) == list(range(len(ds)))  # each row once per epoch
+
+
+def test_shuffle_is_seeded_per_epoch_and_sampler_is_honoured(two_files):
+    paths, _ = two_files
+    ds = H5Images(paths, "train")
+    order = lambda **kw: [i for b in make_loader(ds, batch_size=5, **kw) for i in b["index"].tolist()]  # noqa
+    assert order(shuffle=True, seed=1, epoch=0) == order(shuffle=True, seed=1, epoch=0)
+    assert order(shuffle=True, seed=1, epoch=0) != order(shuffle=True, seed=1, epoch=1)
+    assert order(shuffle=True, seed=1, epoch=0) != order(shuffle=True, seed=2, epoch=0)
+    assert order(shuffle=False, seed=1) == list(range(len(ds)))
+    assert len(list(make_loader(ds, batch_size=5, shuffle=False, seed=0, drop_last=True))) == len(ds) // 5
+    ranks = [order(shuffle=False, seed=0, epoch=3, sampler=DistributedSampler(ds, num_replicas=2, rank=r, seed=0))
+             for r in range(2)]
+    assert sorted(ranks[0] + ranks[1])[: len(ds)] == sorted(set(ranks[0] + ranks[1])) == list(range(len(ds)))
+    with pytest.raises(ValueError, match="shuffle=False"):
+        make_loader(ds, batch_size=5, shuffle=True, seed=0, sampler=DistributedSampler(ds, 2, 0))
+
+
+def test_flips_are_deterministic_and_really_flip(two_files):
+    paths, parts = two_files
+    plain = H5Images(paths, "train")
+    ds = H5Images(paths, "train", flips=True, seed=11)
+    idx = np.arange(len(ds))
+    src = plain.__getitems__(idx)["images"].numpy()               # (n, C, H, W) unflipped
+    ds.set_epoch(4)
+    out = ds.__getitems__(idx)["images"].numpy()
+    np.testing.assert_array_equal(bits(ds.__getitems__(idx[::-1])["images"].numpy()), bits(out[::-1]))
+    eta, phi = D.flip_masks(11, 4, ds.rows)
+    for i in idx:
+        want = src[i]
+        want = np.flip(want, 1) if eta[i] else want   # eta: H axis of one (C, H, W) image
+        want = np.flip(want, 2) if phi[i] else want   # phi: W axis
+        np.testing.assert_array_equal(bits(out[i]), bits(np.ascontiguousarray(want)))
+    assert 0 < eta.sum() < len(ds) and 0 < phi.sum() < len(ds) and (eta != phi).any()
+    changed = [(bits(out[i]) != bits(src[i])).any() for i in idx]
+    np.testing.assert_array_equal(changed, eta | phi)  # random images: every flip changes the image
+    ds.set_epoch(5)
+    assert not np.array_equal(bits(ds.__getitems__(idx)["images"].numpy()), bits(out))
+    many = np.stack(D.flip_masks(0, 0, np.arange(20000)))
+    assert np.all(np.abs(many.mean(axis=1) - 0.5) < 0.02) and abs(np.corrcoef(many)[0, 1]) < 0.03
+
+
+# ---------------------------------------------------------------------------------------------------------
+# normalisation and scalers
+
+
+def test_normalizer_stats_and_reference_against_numpy(two_files):
+    paths, _ = two_files
+    ds = H5Images(paths, "train")
+    x = ds.__getitems__(np.arange(6))["images"]                  # float16 (6, 3, H, W)
+    xf = x.numpy().astype(np.float64)
+    st = ds.stats
+    norm = Normalizer.from_stats(st, "stats", ds.channels)
+    y = norm(x)
+    assert y.dtype == torch.float32
+    want = (xf - st["channel_mean"][None, :, None, None]) / st["channel_std"][None, :, None, None]
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-5)
+    ref = Normalizer.from_stats(st, "reference", ds.channels)
+    want = xf * np.array([0.01, 0.05, 0.1])[None, :, None, None]
+    want[:, 1:] = np.clip(want[:, 1:], -1, 1)                     # dz, d0
+    assert np.abs(xf[:, 1:] * 0.1).max() > 1                      # the clip is exercised
+    np.testing.assert_allclose(ref(x).numpy(), want, rtol=1e-6, atol=1e-7)
+    assert set(dict(ref.named_buffers())) == {"mean", "std", "clip"}
+    again = Normalizer.from_dict({k: v for k, v in ref.to_dict().items() if k != "clip"})
+    torch.testing.assert_close(again(x), ref(x))
+    with pytest.raises(ValueError, match="mode"):
+        Normalizer.from_stats(st, "zscore", ds.channels)
+
+
+def test_target_and_aux_scalers(two_files):
+    paths, parts = two_files
+    ds = H5Images(paths, "train", aux=("pt", "ieta"))
+    st = ds.stats
+    t = TargetScaler.from_stats(st)
+    m = torch.tensor([85.0, 292.0, 500.0])
+    torch.testing.assert_close(t.encode(m), (m - float(st["m_mean"])) / float(st["m_std"]))
+    torch.testing.assert_close(t.decode(t.encode(m)), m)
+    a = AuxScaler.from_stats(st, ds.aux_names)
+    raw = ds.__getitems__([0, 1, 2])["aux"]
+    want = (raw.numpy() - [st["pt_mean"], st["ieta_mean"]]) / [st["pt_std"], st["ieta_std"]]
+    np.testing.assert_allclose(a.encode(raw).numpy(), want, rtol=1e-5)
+    assert AuxScaler.from_stats(st, ()).encode(torch.zeros(3, 0)).shape == (3, 0)
