@@ -41,3 +41,198 @@ def test_plot_history_from_csv(tmp_path):
     assert_real_png(plot_history(tmp_path / "metrics.csv", tmp_path / "loss.png"))
     with pytest.raises(ValueError, match="no rows"):
         plot_history(df.iloc[:0], tmp_path / "empty.png")
+
+
+# ------------------------------------------------------------------ evaluate on hand-built layout files
+
+import json  # noqa: E402
+
+import h5py  # noqa: E402
+import torch  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+from pipeline import layout  # noqa: E402
+
+S = layout.IMAGE_SIZE
+CHANNELS = ("track_pt", "dz", "d0", "ecal")
+LABELS = ("m", "pt", "ieta", "iphi")
+TINY = dict(patch_size=25, dim=16, depth=2, heads=2, dim_head=8, mlp_dim=32, dropout=0.0, emb_dropout=0.0)
+
+
+def make_file(path, n, *, seed=0, channels=CHANNELS, fmt=layout.FORMAT_NAME, source_file="raw.parquet"):
+    """A small file in the layout of pipeline/layout.py, written with h5py (what pipeline.convert writes)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, len(channels), S, S)) * 2).astype(np.float32)
+    x[rng.random(x.shape) < 0.95] = 0
+    images = x.astype(np.float16)
+    labels = {"m": rng.uniform(85, 500, n), "pt": rng.uniform(400, 1000, n),
+              "ieta": rng.integers(12, 44, n).astype(np.float64), "iphi": rng.integers(0, 72, n).astype(np.float64)}
+    codes = layout.split_codes(source_file, np.arange(n), seed=42, val_fraction=0.2, test_fraction=0.3)
+    splits = {s: np.flatnonzero(codes == i).astype(np.int64) for i, s in enumerate(layout.SPLITS)}
+    with h5py.File(path, "w") as f:
+        f.attrs["format"], f.attrs["format_version"] = fmt, layout.FORMAT_VERSION
+        f.create_dataset("images", data=images).attrs["channels"] = list(channels)
+        for k, v in labels.items():
+            f[f"labels/{k}"] = v
+        f["labels/source_file"] = np.zeros(n, dtype=np.int32)
+        f["labels/source_row"] = np.arange(n, dtype=np.int64)
+        for s, r in splits.items():
+            f[f"split/{s}"] = r
+        train = images[splits["train"]].astype(np.float64)
+        st = f.create_group("stats")
+        st["n_train"] = np.int64(train.shape[0])
+        count = np.full(len(channels), train.shape[0] * S * S, dtype=np.float64)
+        total, sumsq = train.sum(axis=(0, 2, 3)), (train ** 2).sum(axis=(0, 2, 3))
+        mean, std = layout.finish_stats(count, total, sumsq)
+        for k, v in dict(count=count, sum=total, sumsq=sumsq, mean=mean, std=std,
+                         max=train.max(axis=(0, 2, 3))).items():
+            st[f"channel_{k}"] = v
+        st["reference_scale"] = np.array([layout.REFERENCE_SCALES[c] for c in channels])
+        for name in LABELS:
+            v = labels[name][splits["train"]]
+            mean, std = layout.finish_stats(float(v.size), v.sum(), (v ** 2).sum())
+            for k, val in dict(count=float(v.size), sum=v.sum(), sumsq=(v ** 2).sum(), mean=mean, std=std,
+                               min=v.min(), max=v.max()).items():
+                st[f"{name}_{k}"] = val
+    return path
+
+
+def make_checkpoint(path, data_paths, *, channels=CHANNELS, aux=(), seed=0):
+    """A checkpoint of a tiny randomly initialised model in the contract's payload (as massreg.train saves)."""
+    from dataclasses import asdict
+
+    from massreg import checkpoint as ck
+    from massreg.config import ModelConfig, build_model
+    from massreg.data import H5Images, Normalizer
+
+    torch.manual_seed(seed)
+    mcfg = ModelConfig(channels=len(channels), num_aux=len(aux), **TINY)
+    model = build_model(mcfg)
+    ds = H5Images(data_paths, "train")
+    stats = ds.stats
+    payload = {
+        "model": model.state_dict(), "model_config": asdict(mcfg), "train_config": {"model": "test"},
+        "optimizer": None, "scheduler": None, "epoch": 1, "step": 10, "best": {"val_loss": 1.0},
+        "normalizer": Normalizer.from_stats(stats, "stats", list(channels)).to_dict(),
+        "target": {"mean": float(stats["m_mean"]), "std": float(stats["m_std"])},
+        "aux": {"names": list(aux), "mean": [float(stats[f"{a}_mean"]) for a in aux],
+                "std": [float(stats[f"{a}_std"]) for a in aux]},
+        "data": {"paths": [str(p) for p in data_paths], "sizes": [x["size"] for x in ds.file_info()],
+                 "channels": list(channels), "stats": stats},
+        "rng": {}, "metrics_history": []}
+    ck.save_checkpoint(path, ck.to_plain(payload))
+    return path
+
+
+def oracle_predictions(ckpt_path, data_paths, split, aux=()):
+    """Predictions computed without massreg.data / engine: h5py reads, numpy normalisation, a bare forward."""
+    from massreg.config import ModelConfig, build_model
+
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    model = build_model(ModelConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    images, m, auxv = [], [], []
+    for p in data_paths:
+        with h5py.File(p, "r") as f:
+            rows = f[f"split/{split}"][()]
+            images.append(f["images"][()][rows].astype(np.float32))
+            m.append(f["labels/m"][()][rows])
+            auxv.append(np.stack([f[f"labels/{a}"][()][rows] for a in aux], 1) if aux else None)
+    x = np.concatenate(images)
+    stats_mean = np.asarray(ckpt["normalizer"]["mean"]).reshape(1, -1, 1, 1)
+    stats_std = np.asarray(ckpt["normalizer"]["std"]).reshape(1, -1, 1, 1)
+    x = torch.from_numpy(((x - stats_mean) / stats_std).astype(np.float32))
+    a = None
+    if aux:
+        raw = np.concatenate(auxv)
+        a = torch.from_numpy(((raw - np.asarray(ckpt["aux"]["mean"])) / np.asarray(ckpt["aux"]["std"]))
+                             .astype(np.float32))
+    with torch.no_grad():
+        z = (model(x, a) if aux else model(x)).double().numpy()
+    return z * ckpt["target"]["std"] + ckpt["target"]["mean"], np.concatenate(m)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval")
+    data = [str(make_file(d / "a.h5", 40, seed=1, source_file="a.parquet")),
+            str(make_file(d / "b.h5", 30, seed=2, source_file="b.parquet"))]
+    (d / "run").mkdir()
+    ckpt = str(make_checkpoint(d / "run" / "best.pt", data[:1], aux=("pt", "ieta")))
+    return d, data, ckpt
+
+
+def test_evaluate_matches_an_independent_oracle(setup):
+    from massreg.evaluate import EvaluateConfig, evaluate
+    from massreg.metrics import regression_metrics
+
+    d, data, ckpt = setup
+    report = evaluate(EvaluateConfig(checkpoint=ckpt, data=data[:1], split="test"))
+    pred, true = oracle_predictions(ckpt, data[:1], "test", aux=("pt", "ieta"))
+    want = regression_metrics(pred, true)
+    assert report["n"] == true.size > 5
+    for k in ("mae", "rmse", "mre", "bias", "resolution"):
+        assert report["model"][k] == pytest.approx(want[k], rel=1e-4, abs=1e-4), k
+    # the constant predictor: the train rows' mean mass, computed here from /labels directly
+    with h5py.File(data[0], "r") as f:
+        train_mean = f["labels/m"][()][f["split/train"][()]].mean()
+    assert report["constant"]["value"] == pytest.approx(train_mean)
+    assert report["constant"]["mae"] == pytest.approx(np.abs(train_mean - true).mean())
+    assert report["mae_ratio"] == pytest.approx(want["mae"] / np.abs(train_mean - true).mean(), rel=1e-4)
+    # outputs land in eval_test/ beside the checkpoint, with no temp files
+    out = d / "run" / "eval_test"
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["metrics.json", "bins.csv", "test_pred_vs_true.png", "test_residuals.png",
+                            "test_response_resolution.png"])
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["config"]["checkpoint"] == ckpt and saved["config"]["data"] == data[:1]
+    assert saved["data"][0]["path"] == data[0] and saved["data"][0]["size"] > 0
+    assert sum(b["n"] for b in saved["bins"]) == true.size
+    bins = pd.read_csv(out / "bins.csv")
+    assert {"lo", "hi", "n", "mae", "mae_const", "response", "resolution"} <= set(bins.columns)
+    assert_real_png(out / "test_pred_vs_true.png")
+
+
+def test_evaluate_several_files_and_cli(setup, tmp_path):
+    from massreg.evaluate import main
+
+    d, data, ckpt = setup
+    res = CliRunner().invoke(main, [ckpt, *data, "--split", "val", "--out", str(tmp_path / "ev"), "--bins", "4"])
+    assert res.exit_code == 0, res.output
+    assert "MAE" in res.output and "constant" in res.output and "per true-mass bin" in res.output
+    saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    pred, true = oracle_predictions(ckpt, data, "val", aux=("pt", "ieta"))
+    assert saved["n"] == true.size and len(saved["data"]) == 2 and len(saved["bins"]) == 4
+    assert saved["model"]["mae"] == pytest.approx(np.abs(pred - true).mean(), rel=1e-4)
+    # the constant: the mean over the train rows of BOTH files (stats combined from their sums)
+    ms = []
+    for p in data:
+        with h5py.File(p, "r") as f:
+            ms.append(f["labels/m"][()][f["split/train"][()]])
+    assert saved["constant"]["value"] == pytest.approx(np.concatenate(ms).mean())
+
+
+def test_evaluate_bad_inputs_one_line(setup, tmp_path):
+    from massreg.evaluate import main
+
+    d, data, ckpt = setup
+    other = str(make_file(tmp_path / "other.h5", 12, channels=("track_pt", "dz", "d0", "hcal")))
+    foreign = str(make_file(tmp_path / "foreign.h5", 12, fmt="somebody-else"))
+    not_ckpt = tmp_path / "model.pt"
+    torch.save({"state_dict": {}}, not_ckpt)
+    cases = [
+        ([str(not_ckpt), data[0]], [str(not_ckpt), "not a massreg checkpoint"]),
+        ([ckpt, other], ["track_pt,dz,d0,ecal", "track_pt,dz,d0,hcal", other]),
+        ([ckpt, foreign], [foreign, "format"]),
+        ([ckpt, str(tmp_path / "missing.h5")], ["missing.h5"]),
+    ]
+    for args, needles in cases:
+        res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "never")])
+        assert res.exit_code != 0, args
+        msg = res.output.strip()
+        assert msg.startswith("Error:") and len(msg.splitlines()) == 1, msg
+        assert "Traceback" not in res.output
+        for needle in needles:
+            assert needle in msg, (needle, msg)
+    assert not (tmp_path / "never").exists()
