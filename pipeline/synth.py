@@ -1,0 +1,567 @@
+"""Synthetic CMS end-to-end jet images, written in exactly the Parquet schema of the real Task 3a files.
+
+Usage: python -m pipeline.synth OUT_DIR --process top --rows 1000 --files 2 --seed 1
+
+The real data cannot be downloaded, so every test, benchmark and the demo run on what this module writes.
+
+Schema (as the real files): `X_jet` list<list<list<double>>> (8 x 125 x 125 nested lists), then float64
+scalars `m`, `pt`, `ieta`, `iphi` (`a2gg` adds `eta` after `iphi`); one row per row group by default,
+snappy compression. `--dtype float32` writes list<list<list<float>>> and `--legacy-names` the aliases
+`X_jets`, `am`, `apt` seen in some write-ups, so that the converter's handling of both can be tested.
+
+Geometry. A pixel is one ECAL barrel crystal, 0.0174 x 0.0174 in (eta, phi). The image is 125 x 125 pixels,
+rows = eta, columns = phi, centred on the parent's direction (pixel 62 holds the axis), so it spans about
++-1.09 in both; whatever falls outside is lost. HCAL towers are the 5 x 5 pixel blocks of the image grid
+(tower = pixel // 5). The labels are the HCAL tower indices of the parent axis, `ieta = floor(eta / 0.087)
++ 28` and `iphi = floor(phi / (2 pi / 72))` with phi uniform in [0, 2 pi), written as float64.
+
+Channels (`pipeline.layout.CHANNEL_NAMES`): 0 track pT (GeV), 1 dz (cm, signed), 2 d0 (cm, signed), 3 ECAL
+energy (GeV), 4 HCAL energy (GeV, uniform over each 5 x 5 tower), 5-7 barrel pixel layers 1-3 (hit counts).
+
+`top`: parent mass m flat in 85-500 GeV, pT flat in 400-1000 GeV, eta flat in |eta| < 1.392 (16 towers
+either side, so that ieta is 12..43 as in the real data; the real files say |eta| < 1.4), phi flat.
+  * t -> b W with m_b = 4.8 GeV and m_W from a Breit-Wigner (80.4, width 2.1) truncated to 1 < m_W < m - m_b
+    (sampled exactly by inverting its CDF); W -> q q' (massless). Two-body decays are isotropic in the rest
+    frame and boosted to the lab with vectorised 4-vector maths; the opening angle is about 2 m / pT, so at
+    high m and low pT part of the jet falls outside the image: a physical error floor, as in the real data.
+  * Each of the 3 partons showers into N ~ Poisson(clip(2 + 2.5 ln E, 4, 20)) massless particles (at most 32,
+    a fixed maximum with a mask keeps it vectorised) with energy fractions from a Dirichlet(0.7) and a
+    Gaussian spread in (eta, phi) around the parton of clip(0.5 / sqrt(E / GeV), 0.01, 0.1) rad, wider for
+    softer particles (x (z N)^-0.3, at most x3). Momentum is not conserved exactly inside a shower (the
+    spread adds a little mass), as a real shower adds some.
+  * Species: 60 % charged hadrons, 25 % photons (pi0), 15 % neutral hadrons; charge +-1 at random.
+  * A few soft underlying-event particles (Poisson mean 15; pT 0.3 GeV + Exp(1 GeV)), uniform over the image.
+
+`a2gg`: A -> gamma gamma with m flat in 0-2 GeV, pT flat in 10-150 GeV, |eta| < 2, phi flat: two photons
+(merged into one cluster at high boost) and a few soft underlying-event particles (Poisson mean 3). The
+ranges are wider than the paper's cuts (pT 20-100, m < 1.6, |eta| < 1.4: 0.571 x 0.8 x 0.7 = 0.32 of the
+events pass them) so that the converter's cuts remove a known fraction. ieta therefore runs over 5..50,
+outside the barrel's 12..43; the detector is treated as one barrel everywhere (no endcap, no conversions).
+
+Detector response, the same for both processes:
+  * Charged particles bend in phi by asin(0.3 * 3.8 T * r / (2 pT)) at radius r (opposite ways for the two
+    charges). Pixel hits at r = 4.4, 7.3, 10.2 cm, one per layer with efficiency 0.97. Tracks (pT > 0.3 GeV,
+    efficiency 0.95) are drawn at their position on the ECAL surface (r = 1.29 m); loopers with pT below
+    0.735 GeV never reach it and leave only pixel hits. dz and d0: prompt ~ N(0, 0.002 + 0.008 / pT cm); the
+    charged daughters of the b quark are displaced by a further +-Exp(0.05 cm). Where tracks share a pixel,
+    channel 0 holds the sum of their pT and channels 1-2 the pT-weighted mean of dz / d0.
+  * Calorimeters (all at the ECAL-surface position): photons in ECAL, 80 % in the central crystal, 15 % over
+    the 8 crystals around it, 5 % over the 16 of the next ring (no dependence on the impact point); charged
+    hadrons leave a MIP (0.25 GeV + Exp(0.05)) in ECAL, or with probability 0.3 start showering there (a
+    uniform 20-80 % of their energy, spread like a photon), and the rest in HCAL; neutral hadrons go to HCAL.
+    Resolution per particle: ECAL 3 %/sqrt(E) (+) 0.5 %, HCAL 100 %/sqrt(E) (+) 5 % (Gaussian, cut at 0).
+  * Noise and zero suppression: Gaussian noise of 0.025 GeV per crystal, crystals under 0.1 GeV set to exactly
+    0; 0.15 GeV per HCAL tower, towers under 0.6 GeV set to 0. Every energy left is far above 1e-3 of the
+    channel's reference scale (`pipeline.layout.REFERENCE_SCALES`). Images are sparse: > 95 % of the pixels
+    are exactly 0.
+
+Determinism: chunk i_chunk (of `chunk_rows` rows) of file i_file is simulated with
+`np.random.default_rng([seed, i_file, i_chunk])` (`chunk_rng`), so the data depend on (process, seed, rows,
+chunk_rows) and not on `rows_per_group`, `dtype` (beyond rounding) or `legacy_names`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import click
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline.layout import CHANNEL_NAMES, IMAGE_SIZE
+
+PROCESSES = ("top", "a2gg")
+DTYPES = ("float64", "float32")
+MAX_CHUNK_ROWS = 16384  # 16384 * 125,000 values stays under the int32 offsets of a pyarrow list
+
+# Geometry (see the module docstring).
+PIX = 0.0174                   # one ECAL crystal in eta and in phi
+HALF = IMAGE_SIZE / 2          # 62.5: floor(d / PIX + HALF) puts the axis in pixel 62
+TOWER = 5                      # an HCAL tower is 5 x 5 crystals
+TOWER_ETA = 0.087              # ieta label = floor(eta / TOWER_ETA) + 28
+TOWER_PHI = 2 * np.pi / 72     # iphi label = floor(phi / TOWER_PHI), 0..71
+TOP_ETA_MAX = 16 * TOWER_ETA   # 1.392: ieta in 12..43
+R_PIXEL = np.array([0.044, 0.073, 0.102])  # barrel pixel layer radii (m)
+R_ECAL = 1.29                  # ECAL surface radius (m)
+K_BEND = 0.3 * 3.8 / 2         # GeV/m: a track of pT turns by asin(K_BEND * r / pT) at radius r in 3.8 T
+
+# Particle species.
+CHARGED, PHOTON, NEUTRAL = 0, 1, 2
+SPECIES_P = (0.60, 0.25, 0.15)
+
+CH = {name: i for i, name in enumerate(CHANNEL_NAMES)}
+
+
+class SynthError(ValueError):
+    """Bad configuration or output directory; the message is one line and says what to do."""
+
+
+@dataclass
+class SynthConfig:
+    process: str = "top"          # "top" | "a2gg"
+    rows: int = 1000              # rows PER FILE
+    files: int = 1
+    rows_per_group: int = 1       # the real files hold one row per row group
+    seed: int = 0
+    chunk_rows: int = 256         # rows simulated + written at a time (bounded memory: ~1 MB per row)
+    dtype: str = "float64"        # "float64" | "float32" for the image lists (the converter must accept both)
+    legacy_names: bool = False    # write the aliases X_jets / am / apt instead of X_jet / m / pt
+
+    def validate(self) -> None:
+        """Raise SynthError for an impossible configuration, before any work starts."""
+        if self.process not in PROCESSES:
+            raise SynthError(f"unknown process {self.process!r}: use one of {', '.join(PROCESSES)}")
+        if self.dtype not in DTYPES:
+            raise SynthError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        for name in ("rows", "files", "rows_per_group", "chunk_rows"):
+            if int(getattr(self, name)) < 1:
+                raise SynthError(f"{name} is {getattr(self, name)}: it must be at least 1")
+        if self.chunk_rows > MAX_CHUNK_ROWS:
+            raise SynthError(f"chunk_rows {self.chunk_rows} is over {MAX_CHUNK_ROWS}: use a smaller chunk")
+
+
+def chunk_rng(seed: int, i_file: int, i_chunk: int) -> np.random.Generator:
+    """The generator of chunk `i_chunk` of file `i_file`: independent streams, reproducible per chunk."""
+    return np.random.default_rng([seed, i_file, i_chunk])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4-vector helpers: arrays (..., 4) = (E, px, py, pz), GeV
+# ----------------------------------------------------------------------------------------------------------
+
+def four_vector(pt, eta, phi, m) -> np.ndarray:
+    """(..., 4) from pT, eta, phi, mass (broadcast)."""
+    px, py, pz = pt * np.cos(phi), pt * np.sin(phi), pt * np.sinh(eta)
+    e = np.sqrt(px ** 2 + py ** 2 + pz ** 2 + np.asarray(m) ** 2)
+    return np.stack(np.broadcast_arrays(e, px, py, pz), axis=-1)
+
+
+def boost(p: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """Lorentz-boost 4-vectors p (..., 4) by velocity beta (..., 3): rest frame of a parent -> frame where
+    the parent moves with beta."""
+    b2 = np.sum(beta ** 2, axis=-1, keepdims=True)                      # (..., 1)
+    gamma = 1.0 / np.sqrt(1.0 - b2)
+    bp = np.sum(beta * p[..., 1:], axis=-1, keepdims=True)              # (..., 1) beta . p
+    # (gamma - 1) / beta^2 written so that beta = 0 gives 0 instead of 0 / 0
+    g2 = gamma ** 2 / (1.0 + gamma)
+    e = gamma * (p[..., :1] + bp)
+    vec = p[..., 1:] + (g2 * bp + gamma * p[..., :1]) * beta
+    return np.concatenate([e, vec], axis=-1)
+
+
+def two_body(parent: np.ndarray, m1, m2, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Isotropic two-body decay of parent 4-vectors (n, 4) into masses m1, m2 ((n,) or scalars); lab frame."""
+    n = parent.shape[0]
+    mass = np.sqrt(np.maximum(parent[:, 0] ** 2 - np.sum(parent[:, 1:] ** 2, axis=-1), 0.0))
+    m1, m2 = np.broadcast_to(m1, (n,)), np.broadcast_to(m2, (n,))
+    lam = np.maximum((mass ** 2 - (m1 + m2) ** 2) * (mass ** 2 - (m1 - m2) ** 2), 0.0)
+    safe = np.where(mass > 0, mass, 1.0)
+    pstar = np.sqrt(lam) / (2 * safe)                                   # (n,) momentum in the rest frame
+    cos_t = rng.uniform(-1.0, 1.0, n)
+    phi = rng.uniform(0.0, 2 * np.pi, n)
+    sin_t = np.sqrt(1.0 - cos_t ** 2)
+    direction = np.stack([sin_t * np.cos(phi), sin_t * np.sin(phi), cos_t], axis=-1)  # (n, 3)
+    d1 = np.concatenate([np.sqrt(pstar ** 2 + m1 ** 2)[:, None], pstar[:, None] * direction], axis=-1)
+    d2 = np.concatenate([np.sqrt(pstar ** 2 + m2 ** 2)[:, None], -pstar[:, None] * direction], axis=-1)
+    beta = parent[:, 1:] / parent[:, :1]                                # (n, 3)
+    return boost(d1, beta), boost(d2, beta)
+
+
+def eta_phi(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pseudorapidity and azimuth of 4-vectors (..., 4)."""
+    pt = np.hypot(p[..., 1], p[..., 2])
+    return np.arcsinh(p[..., 3] / np.maximum(pt, 1e-12)), np.arctan2(p[..., 2], p[..., 1])
+
+
+def wrap(dphi: np.ndarray) -> np.ndarray:
+    """Azimuth difference folded into [-pi, pi)."""
+    return (dphi + np.pi) % (2 * np.pi) - np.pi
+
+
+def tower_labels(eta: np.ndarray, phi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ieta = floor(eta / 0.087) + 28 and iphi = floor(phi / (2 pi / 72)) as float64 (phi in [0, 2 pi))."""
+    ieta = np.floor(eta / TOWER_ETA) + 28
+    iphi = np.minimum(np.floor(np.mod(phi, 2 * np.pi) / TOWER_PHI), 71)  # 2 pi - tiny rounds to 72.0
+    return ieta.astype(np.float64), iphi.astype(np.float64)
+
+
+def truncated_breit_wigner(mean: float, width: float, lo, hi, rng: np.random.Generator) -> np.ndarray:
+    """Exact samples of a Breit-Wigner (Cauchy) truncated to [lo, hi] (arrays), by inverting its CDF."""
+    a, b = np.arctan((lo - mean) / (width / 2)), np.arctan((hi - mean) / (width / 2))
+    return mean + width / 2 * np.tan(rng.uniform(a, b))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Particles: flat arrays, one entry per particle of the chunk
+# ----------------------------------------------------------------------------------------------------------
+
+def _particles(ev, eta, phi, e, species, charge, displaced) -> dict[str, np.ndarray]:
+    return {"ev": ev.astype(np.int64), "eta": eta, "phi": phi, "e": e, "species": species.astype(np.int8),
+            "charge": charge.astype(np.int8), "displaced": displaced.astype(bool)}
+
+
+def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _species(shape, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    species = rng.choice(3, size=shape, p=SPECIES_P)
+    charge = np.where(species == CHARGED, rng.choice(np.array([-1, 1]), size=shape), 0)
+    return species, charge
+
+
+def shower(partons: np.ndarray, displaced: np.ndarray, rng: np.random.Generator, k_max: int = 32) -> dict:
+    """Fragment partons (n, P, 4) into massless particles; `displaced` (P,) marks b quarks, whose charged
+    daughters get displaced tracks. Vectorised: every parton gets k_max slots, a mask keeps N of them."""
+    n, n_partons = partons.shape[:2]
+    e = np.maximum(partons[..., 0], 1e-3)                               # (n, P)
+    eta, phi = eta_phi(partons)                                         # (n, P)
+    mult = np.clip(rng.poisson(np.clip(2 + 2.5 * np.log(np.maximum(e, 1.0)), 4, 20)), 1, k_max)  # (n, P)
+    active = np.arange(k_max) < mult[..., None]                         # (n, P, K)
+    g = rng.gamma(0.7, size=active.shape) * active                      # Dirichlet(0.7) over the active slots
+    z = g / np.maximum(g.sum(-1, keepdims=True), 1e-300)                # (n, P, K) energy fractions
+    # softer particles spread wider: factor (z N)^-0.3, 1 for an average particle, at most 3
+    soft = np.minimum(np.maximum(z * mult[..., None], 1e-6) ** -0.3, 3.0)
+    sigma = np.clip(0.5 / np.sqrt(e), 0.01, 0.1)[..., None] * soft     # (n, P, K) rad
+    p_eta = eta[..., None] + sigma * rng.standard_normal(active.shape)
+    p_phi = phi[..., None] + sigma * rng.standard_normal(active.shape)
+    p_e = z * e[..., None]
+    species, charge = _species(active.shape, rng)
+    ev = np.broadcast_to(np.arange(n)[:, None, None], active.shape)
+    disp = np.broadcast_to(np.asarray(displaced, bool)[None, :, None], active.shape)
+    keep = active & (p_e > 0)
+    return _particles(ev[keep], p_eta[keep], p_phi[keep], p_e[keep], species[keep], charge[keep], disp[keep])
+
+
+def underlying_event(axis_eta: np.ndarray, axis_phi: np.ndarray, mean: float,
+                     rng: np.random.Generator) -> dict:
+    """Soft particles (Poisson `mean` per event) uniform over each event's image window."""
+    count = rng.poisson(mean, size=axis_eta.shape[0])
+    ev = np.repeat(np.arange(axis_eta.shape[0]), count)
+    half = HALF * PIX
+    eta = axis_eta[ev] + rng.uniform(-half, half, ev.size)
+    phi = axis_phi[ev] + rng.uniform(-half, half, ev.size)
+    pt = 0.3 + rng.exponential(0.7, ev.size)
+    species, charge = _species(ev.shape, rng)
+    return _particles(ev, eta, phi, pt * np.cosh(eta), species, charge, np.zeros(ev.size, bool))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Detector: particles -> (n, 8, 125, 125) images
+# ----------------------------------------------------------------------------------------------------------
+
+def _pixel(ev, eta, phi, axis_eta, axis_phi) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image row (eta) and column (phi) of each particle, and whether it falls inside the image."""
+    row = np.floor((eta - axis_eta[ev]) / PIX + HALF).astype(np.int64)
+    col = np.floor(wrap(phi - axis_phi[ev]) / PIX + HALF).astype(np.int64)
+    inside = (row >= 0) & (row < IMAGE_SIZE) & (col >= 0) & (col < IMAGE_SIZE)
+    return row, col, inside
+
+
+def _fill(n: int, ev, row, col, weights, inside) -> np.ndarray:
+    """Sum weights into (n, 125, 125) at (ev, row, col), for the entries inside the image."""
+    flat = (ev * IMAGE_SIZE + row) * IMAGE_SIZE + col
+    return np.bincount(flat[inside], weights=weights[inside],
+                       minlength=n * IMAGE_SIZE ** 2).reshape(n, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def _em_kernel() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """5 x 5 lateral profile of an EM shower: 80 % central crystal, 15 % first ring, 5 % second ring."""
+    d = np.arange(-2, 3)
+    di, dj = np.meshgrid(d, d, indexing="ij")
+    ring = np.maximum(np.abs(di), np.abs(dj)).ravel()                   # (25,) 0, 1 or 2
+    w = np.choose(ring, [0.80, 0.15 / 8, 0.05 / 16])
+    return di.ravel(), dj.ravel(), w
+
+
+def _smear(e: np.ndarray, stochastic: float, constant: float, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian energy resolution sigma/E = stochastic/sqrt(E) (+) constant, cut at 0."""
+    rel = np.sqrt(stochastic ** 2 / np.maximum(e, 1e-6) + constant ** 2)
+    return np.maximum(e * (1.0 + rel * rng.standard_normal(e.shape)), 0.0)
+
+
+def render(n: int, axis_eta: np.ndarray, axis_phi: np.ndarray, parts: dict,
+           rng: np.random.Generator) -> np.ndarray:
+    """Detector response to flat particle arrays: images (n, 8, 125, 125) float64 in GeV / cm / hits."""
+    images = np.zeros((n, len(CHANNEL_NAMES), IMAGE_SIZE, IMAGE_SIZE))
+    ev, eta, phi, e = parts["ev"], parts["eta"], parts["phi"], parts["e"]
+    species, charge = parts["species"], parts["charge"]
+    pt = e / np.cosh(eta)
+    charged = species == CHARGED
+
+    # --- tracker: pixel hits at the layer radii (bent), tracks at the ECAL surface
+    c_ev, c_eta, c_phi, c_pt, c_q = ev[charged], eta[charged], phi[charged], pt[charged], charge[charged]
+    for layer, radius in enumerate(R_PIXEL):
+        reach = K_BEND * radius / c_pt < 1.0
+        bend = c_q * np.arcsin(np.minimum(K_BEND * radius / c_pt, 1.0))
+        row, col, inside = _pixel(c_ev, c_eta, c_phi + bend, axis_eta, axis_phi)
+        hit = inside & reach & (rng.random(c_pt.shape) < 0.97)
+        images[:, CH["pix1"] + layer] = _fill(n, c_ev, row, col, np.ones_like(c_pt), hit)
+    # every particle is placed where it meets the ECAL; loopers (pT < 0.735 GeV) never do
+    reach_ecal = ~charged | (K_BEND * R_ECAL / np.maximum(pt, 1e-12) < 1.0)
+    bend = charge * np.arcsin(np.minimum(K_BEND * R_ECAL / np.maximum(pt, 1e-12), 1.0))
+    row, col, inside = _pixel(ev, eta, phi + bend, axis_eta, axis_phi)
+    inside &= reach_ecal
+
+    n_p = e.shape[0]
+    prompt = 0.002 + 0.008 / np.maximum(pt, 1.0)                        # cm, impact parameter resolution
+    flight = np.where(parts["displaced"], 1.0, 0.0)
+    dz, d0 = (prompt * rng.standard_normal(n_p)
+              + flight * rng.choice([-1.0, 1.0], n_p) * rng.exponential(0.05, n_p) for _ in range(2))
+    track = inside & charged & (pt > 0.3) & (rng.random(n_p) < 0.95)
+    sum_pt = _fill(n, ev, row, col, pt, track)
+    has = sum_pt > 0
+    images[:, CH["track_pt"]] = sum_pt
+    for name, ip in (("dz", dz), ("d0", d0)):                           # pT-weighted mean where tracks share
+        images[:, CH[name]] = np.divide(_fill(n, ev, row, col, pt * ip, track), sum_pt,
+                                        out=np.zeros_like(sum_pt), where=has)
+
+    # --- calorimeters: split each particle's energy between ECAL (EM-like shower or MIP) and HCAL
+    early = charged & (rng.random(n_p) < 0.3)                           # hadron starts showering in ECAL
+    mip = np.minimum(e, 0.25 + rng.exponential(0.05, n_p))
+    e_em = np.where(species == PHOTON, e, np.where(early, e * rng.uniform(0.2, 0.8, n_p), 0.0))
+    e_mip = np.where(charged & ~early, mip, 0.0)
+    e_had = np.where(species == PHOTON, 0.0, e - e_em - e_mip)
+    e_em = _smear(e_em, 0.03, 0.005, rng)
+    e_mip = _smear(e_mip, 0.03, 0.005, rng)
+    e_had = _smear(e_had, 1.0, 0.05, rng)
+
+    # EM showers: 25 entries per particle (5 x 5 kernel) scattered with one bincount; crystals of the
+    # kernel that fall outside the image are lost, tails of showers centred just outside come in.
+    di, dj, w = _em_kernel()
+    em = e_em > 0
+    k_row = (row[em, None] + di).ravel()                                # (n_em * 25,)
+    k_col = (col[em, None] + dj).ravel()
+    k_ev = np.repeat(ev[em], di.size)
+    k_in = np.repeat(reach_ecal[em], di.size) & (k_row >= 0) & (k_row < IMAGE_SIZE) \
+        & (k_col >= 0) & (k_col < IMAGE_SIZE)
+    ecal = _fill(n, k_ev, k_row, k_col, (e_em[em, None] * w).ravel(), k_in)
+    ecal += _fill(n, ev, row, col, e_mip, inside)
+    ecal += 0.025 * rng.standard_normal(ecal.shape, dtype=np.float32)   # electronic noise per crystal (GeV)
+    ecal[ecal < 0.1] = 0.0                                              # zero suppression
+    images[:, CH["ecal"]] = ecal
+
+    # HCAL: towers = 5 x 5 blocks of the image grid, (n, 25, 25), spread uniformly over their 25 pixels
+    n_t = IMAGE_SIZE // TOWER
+    t_flat = (ev * n_t + row // TOWER) * n_t + col // TOWER
+    towers = np.bincount(t_flat[inside], weights=e_had[inside], minlength=n * n_t * n_t).reshape(n, n_t, n_t)
+    towers += rng.normal(0.0, 0.15, towers.shape)
+    towers[towers < 0.6] = 0.0
+    images[:, CH["hcal"]] = np.repeat(np.repeat(towers, TOWER, axis=1), TOWER, axis=2) / TOWER ** 2
+
+    # every energy left is above 1e-3 of its channel's reference scale (track pT > 0.3 GeV >= 1e-3 / 0.01,
+    # ECAL >= 0.1 GeV >= 1e-3 / 0.1, HCAL >= 0.6 / 25 GeV >= 1e-3 / 1): the zero suppression of the real data
+    return images
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------------------------
+
+def simulate_top(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """n boosted t -> b q q' events (see the module docstring)."""
+    m = rng.uniform(85.0, 500.0, n)
+    pt = rng.uniform(400.0, 1000.0, n)
+    eta = rng.uniform(-TOP_ETA_MAX, TOP_ETA_MAX, n)
+    phi = rng.uniform(0.0, 2 * np.pi, n)
+    top = four_vector(pt, eta, phi, m)                                  # (n, 4)
+    m_b = 4.8
+    m_w = truncated_breit_wigner(80.4, 2.1, 1.0, m - m_b, rng)          # (n,)
+    b, w = two_body(top, m_b, m_w, rng)
+    q1, q2 = two_body(w, 0.0, 0.0, rng)
+    partons = np.stack([b, q1, q2], axis=1)                             # (n, 3, 4)
+    _, axis_phi = eta_phi(top)                                          # = phi folded into (-pi, pi]
+    parts = _concat([shower(partons, np.array([True, False, False]), rng),
+                     underlying_event(eta, axis_phi, 8.0, rng)])
+    ieta, iphi = tower_labels(eta, phi)
+    return {"X_jet": render(n, eta, axis_phi, parts, rng), "m": m, "pt": pt, "ieta": ieta, "iphi": iphi}
+
+
+def simulate_a2gg(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """n A -> gamma gamma events (see the module docstring)."""
+    m = rng.uniform(0.0, 2.0, n)
+    pt = rng.uniform(10.0, 150.0, n)
+    eta = rng.uniform(-2.0, 2.0, n)
+    phi = rng.uniform(0.0, 2 * np.pi, n)
+    parent = four_vector(pt, eta, phi, m)
+    g1, g2 = two_body(parent, 0.0, 0.0, rng)
+    photons = np.stack([g1, g2], axis=1)                                # (n, 2, 4)
+    p_eta, p_phi = eta_phi(photons)
+    ev = np.repeat(np.arange(n), 2)
+    zeros = np.zeros(2 * n)
+    gammas = _particles(ev, p_eta.ravel(), p_phi.ravel(), photons[..., 0].ravel(),
+                        np.full(2 * n, PHOTON), zeros, zeros)
+    parts = _concat([gammas, underlying_event(eta, phi, 3.0, rng)])
+    ieta, iphi = tower_labels(eta, phi)
+    return {"X_jet": render(n, eta, phi, parts, rng), "m": m, "pt": pt, "ieta": ieta, "iphi": iphi,
+            "eta": eta}
+
+
+def simulate(process: str, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Pure: n events -> {"X_jet": (n, 8, 125, 125) float64, "m", "pt", "ieta", "iphi": (n,) float64, and
+    "eta" for a2gg}, in the column order of the files. Vectorised over events."""
+    if process == "top":
+        return simulate_top(n, rng)
+    if process == "a2gg":
+        return simulate_a2gg(n, rng)
+    raise SynthError(f"unknown process {process!r}: use one of {', '.join(PROCESSES)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parquet
+# ----------------------------------------------------------------------------------------------------------
+
+def column_names(process: str, legacy_names: bool) -> list[str]:
+    """Column names in file order."""
+    names = ["X_jets", "am", "apt"] if legacy_names else ["X_jet", "m", "pt"]
+    return names + ["ieta", "iphi"] + (["eta"] if process == "a2gg" else [])
+
+
+def to_table(events: dict[str, np.ndarray], *, dtype: str = "float64",
+             legacy_names: bool = False) -> pa.Table:
+    """Events from `simulate` -> a pyarrow Table in the real schema. The nested list column is built from one
+    flat values array and three offset arrays, never from Python lists."""
+    images = events["X_jet"]                                            # (n, C, H, W)
+    n, c, h, w = images.shape
+    flat = np.ascontiguousarray(images, dtype=dtype).reshape(-1)      # a view for float64: no copy
+    values = pa.array(flat, type=pa.from_numpy_dtype(flat.dtype))
+    rows = pa.ListArray.from_arrays(pa.array(np.arange(n * c * h + 1, dtype=np.int32) * w), values)
+    planes = pa.ListArray.from_arrays(pa.array(np.arange(n * c + 1, dtype=np.int32) * h), rows)
+    jets = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * c), planes)
+    keys = [k for k in events if k != "X_jet"]
+    process = "a2gg" if "eta" in events else "top"
+    columns = [jets] + [pa.array(np.asarray(events[k], dtype=np.float64)) for k in keys]
+    return pa.Table.from_arrays(columns, names=column_names(process, legacy_names))
+
+
+def file_name(process: str, i_file: int) -> str:
+    return f"{process}_synth_{i_file:03d}.parquet"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_file(path: Path, config: SynthConfig, i_file: int, bar: tqdm | None = None) -> None:
+    """Write file `i_file` of `config` to `path` (via a temp file beside it), chunk by chunk.
+
+    Row groups never straddle two write_table calls, so rows left over after the last full group of a
+    chunk are carried into the next one: the file has exactly ceil(rows / rows_per_group) groups."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    k = config.rows_per_group
+    writer = None
+    pending = None
+    try:
+        for i_chunk, start in enumerate(range(0, config.rows, config.chunk_rows)):
+            n = min(config.chunk_rows, config.rows - start)
+            events = simulate(config.process, n, chunk_rng(config.seed, i_file, i_chunk))
+            table = to_table(events, dtype=config.dtype, legacy_names=config.legacy_names)
+            del events
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema, compression="snappy")
+            if pending is not None:
+                table = pa.concat_tables([pending, table])
+            last = start + n >= config.rows
+            full = table.num_rows if last else table.num_rows // k * k
+            if full:
+                writer.write_table(table.slice(0, full), row_group_size=k)
+            pending = table.slice(full) if full < table.num_rows else None
+            if bar is not None:
+                bar.update(n)
+        writer.close()
+        writer = None
+        os.replace(tmp, path)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+
+
+def generate(out_dir, config: SynthConfig, force: bool = False, *, progress: bool = False) -> list[Path]:
+    """Write config.files Parquet files `{process}_synth_{i:03d}.parquet` into out_dir and return their paths;
+    `synth_config.json` (asdict(config)) goes beside them.
+
+    Refuses (SynthError) an out_dir that already holds `{process}_synth_NNN.parquet` files unless force=True,
+    in which case those not rewritten now are removed too, so that the directory holds one data set.
+    """
+    config.validate()
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SynthError(f"{out} exists and is not a directory: choose another OUT_DIR")
+    existing = sorted(out.glob(f"{config.process}_synth_[0-9][0-9][0-9].parquet")) if out.is_dir() else []
+    if existing and not force:
+        raise SynthError(f"{out} already holds {len(existing)} {config.process}_synth_*.parquet file(s): "
+                         f"use --force (force=True) to replace them or choose another directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [out / file_name(config.process, i) for i in range(config.files)]
+        with tqdm(total=config.rows * config.files, unit="row", desc=f"synth {config.process}",
+                  disable=None if progress else True) as bar:
+            for i_file, path in enumerate(paths):
+                write_file(path, config, i_file, bar)
+        for stale in set(existing) - set(paths):
+            stale.unlink(missing_ok=True)
+        _atomic_write_text(out / "synth_config.json", json.dumps(asdict(config), indent=2) + "\n")
+    except OSError as exc:
+        raise SynthError(f"cannot write to {out}: {exc.strerror or exc}") from exc
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------
+
+_DEFAULTS = {f.name: f.default for f in fields(SynthConfig)}
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--process", type=click.Choice(PROCESSES), default=_DEFAULTS["process"], show_default=True,
+              help="top: boosted t -> bqq' jets (m 85-500, pT 400-1000 GeV); a2gg: A -> gamma gamma "
+                   "(m 0-2, pT 10-150 GeV, |eta| < 2).")
+@click.option("--rows", type=click.IntRange(min=1), default=_DEFAULTS["rows"], show_default=True,
+              help="Rows per file (about 1 MB each in memory).")
+@click.option("--files", type=click.IntRange(min=1), default=_DEFAULTS["files"], show_default=True,
+              help="Number of files, {process}_synth_000.parquet, ...")
+@click.option("--rows-per-group", type=click.IntRange(min=1), default=_DEFAULTS["rows_per_group"],
+              show_default=True, help="Rows per Parquet row group (the real files have 1).")
+@click.option("--seed", type=int, default=_DEFAULTS["seed"], show_default=True,
+              help="Random seed; chunk c of file f uses default_rng([seed, f, c]).")
+@click.option("--chunk-rows", type=click.IntRange(min=1, max=MAX_CHUNK_ROWS), default=_DEFAULTS["chunk_rows"],
+              show_default=True, help="Rows simulated and written at a time (memory ~2 MB per row).")
+@click.option("--dtype", type=click.Choice(DTYPES), default=_DEFAULTS["dtype"], show_default=True,
+              help="Element type of the image lists.")
+@click.option("--legacy-names", is_flag=True,
+              help="Name the columns X_jets / am / apt instead of X_jet / m / pt.")
+@click.option("--force", is_flag=True, help="Replace existing {process}_synth_*.parquet files in OUT_DIR.")
+def main(out_dir, process, rows, files, rows_per_group, seed, chunk_rows, dtype, legacy_names, force):
+    """Write synthetic CMS end-to-end jet images to OUT_DIR as Parquet files in the real schema.
+
+    X_jet (8 x 125 x 125 nested lists: track pT, dz, d0, ECAL, HCAL, pixel layers 1-3), then m, pt, ieta,
+    iphi (and eta for a2gg) as float64. Also writes synth_config.json. Example:
+
+        python -m pipeline.synth data/raw --process top --rows 2000 --files 2 --seed 1
+    """
+    config = SynthConfig(process=process, rows=rows, files=files, rows_per_group=rows_per_group, seed=seed,
+                         chunk_rows=chunk_rows, dtype=dtype, legacy_names=legacy_names)
+    start = time.perf_counter()
+    try:
+        paths = generate(out_dir, config, force=force, progress=True)
+    except SynthError as exc:
+        raise click.ClickException(str(exc)) from exc
+    seconds = time.perf_counter() - start
+    size = sum(p.stat().st_size for p in paths)
+    total = rows * files
+    click.echo(f"wrote {len(paths)} file(s), {total} rows, {size / 1e6:.1f} MB in {seconds:.1f} s "
+               f"({total / seconds:.0f} rows/s) to {out_dir}")
+
+
+if __name__ == "__main__":
+    main()
