@@ -9,7 +9,8 @@ The payload (keys fixed by the API contract, version 1):
     model_config     asdict(ModelConfig)      train_config   asdict(TrainConfig)
     optimizer, scheduler                      state_dicts (None in a checkpoint made only for inference)
     epoch (completed), step (optimizer steps done), best {"val_loss", "val_mre", ...}
-    normalizer {"mode", "mean", "std", "reference_scale", "channels"}   target {"mean", "std"}
+    normalizer       Normalizer.to_dict(): {"mode", "channels", "mean", "std", "clip"} (the affine it applies)
+    target {"mean", "std"}
     aux {"names", "mean", "std"}              data {"paths", "sizes", "channels", "stats"}
     rng {"torch", "numpy", "python", "cuda"}  metrics_history [per-epoch dicts, as in metrics.csv]
 
@@ -40,7 +41,8 @@ class CheckpointError(Exception):
 def to_plain(value: Any) -> Any:
     """numpy scalars / arrays -> Python numbers / lists, recursively, so a payload loads with weights_only."""
     if isinstance(value, dict):
-        return {str(k): to_plain(v) for k, v in value.items()}
+        # keys stay as they are: the optimizer's state is keyed by int parameter ids
+        return {to_plain(k): to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(to_plain(v) for v in value)
     if isinstance(value, np.ndarray):
@@ -58,6 +60,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
     payload = {"format": FORMAT, "version": VERSION, **payload}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as fh:
             torch.save(payload, fh)
             fh.flush()
@@ -67,6 +70,12 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -153,16 +162,6 @@ class Restored:
     channels: list[str]
 
 
-def normalizer_stats(ckpt: dict) -> dict:
-    """The /stats subset Normalizer.from_stats needs, rebuilt from the checkpoint's normalizer entry."""
-    norm = ckpt["normalizer"]
-    stats = dict(ckpt["data"].get("stats") or {})
-    stats.update({"channel_mean": np.asarray(norm["mean"], dtype=np.float64),
-                  "channel_std": np.asarray(norm["std"], dtype=np.float64),
-                  "reference_scale": np.asarray(norm["reference_scale"], dtype=np.float64)})
-    return stats
-
-
 def restore(ckpt: dict, device: str | torch.device = "cpu") -> Restored:
     """Rebuild model (eval mode), Normalizer, TargetScaler and AuxScaler from a loaded checkpoint."""
     from massreg.config import ModelConfig, build_model
@@ -181,12 +180,12 @@ def restore(ckpt: dict, device: str | torch.device = "cpu") -> Restored:
         raise CheckpointError(f"checkpoint weights do not fit its model_config: {first}") from None
     model.to(device).eval()
     channels = list(ckpt["normalizer"].get("channels") or ckpt["data"]["channels"])
-    normalizer = Normalizer.from_stats(normalizer_stats(ckpt), ckpt["normalizer"]["mode"], channels).to(device)
+    normalizer = Normalizer.from_dict(ckpt["normalizer"]).to(device)
     target = TargetScaler(mean=float(ckpt["target"]["mean"]), std=float(ckpt["target"]["std"]))
     aux = ckpt["aux"]
     aux_scaler = None
     if aux and aux.get("names"):
-        aux_scaler = AuxScaler(names=tuple(aux["names"]), mean=np.asarray(aux["mean"], dtype=np.float64),
-                               std=np.asarray(aux["std"], dtype=np.float64))
+        aux_scaler = AuxScaler(names=tuple(aux["names"]), mean=tuple(float(v) for v in aux["mean"]),
+                               std=tuple(float(v) for v in aux["std"]))
     return Restored(model=model, normalizer=normalizer, target=target, aux_scaler=aux_scaler,
                     model_config=model_config, train_config=dict(ckpt["train_config"]), channels=channels)

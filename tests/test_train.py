@@ -1,6 +1,7 @@
 """Checkpoints, the shared forward path (engine) and the trainer (massreg.train)."""
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -28,12 +29,13 @@ def payload(**extra) -> dict:
 
 def test_checkpoint_roundtrip_is_atomic_and_weights_only(tmp_path):
     path = tmp_path / "last.pt"
-    ck.save_checkpoint(path, ck.to_plain(payload(extra=np.arange(3), scalar=np.float32(2.5))))
+    ck.save_checkpoint(path, ck.to_plain(payload(extra=np.arange(3), scalar=np.float32(2.5), by_id={0: "a"})))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left behind
     got = ck.load_checkpoint(path)
     assert got["format"] == ck.FORMAT and got["version"] == ck.VERSION
     assert torch.equal(got["model"]["w"], torch.arange(6.0).reshape(2, 3))
     assert got["extra"] == [0, 1, 2] and got["scalar"] == 2.5 and got["epoch"] == 3
+    assert got["by_id"] == {0: "a"}  # int keys stay ints: the optimizer's state is keyed by parameter id
     # the same file must load under the strict unpickler, i.e. it holds no arbitrary objects
     torch.load(path, weights_only=True)
 
@@ -152,3 +154,305 @@ def test_engine_predict_matches_numpy(with_aux):
 def test_engine_predict_empty_loader():
     out = engine.predict(AffineModel(), [], normalizer=Halve(), target=Scaler(0, 1))
     assert out["pred"].shape == out["true"].shape == out["index"].shape == (0,)
+
+
+# ---------------------------------------------------------------- a small file in the HDF5 layout
+
+def write_layout_file(path, n=48, channels=("track_pt", "dz", "d0", "ecal"), seed=0, *, version=None,
+                      drop=None, image_fn=None):
+    """A file in pipeline.layout's format with sparse images whose ECAL sum grows with the mass.
+
+    version: format_version to write (default: layout's); drop: a dataset path to leave out (bad-input tests).
+    """
+    import h5py
+    from pipeline import layout
+
+    g = np.random.default_rng(seed)
+    size = layout.IMAGE_SIZE
+    m = g.uniform(85, 500, n)
+    labels = {"m": m, "pt": g.uniform(400, 1000, n), "ieta": g.integers(12, 44, n).astype(np.float64),
+              "iphi": g.integers(0, 72, n).astype(np.float64)}
+    images = np.zeros((n, len(channels), size, size), dtype=np.float16)
+    hits = g.random((n, len(channels), size, size)) < 0.01
+    images[hits] = g.exponential(1.0, hits.sum()).astype(np.float16)
+    images[:, -1, 60:65, 60:65] += (m / 100.0)[:, None, None].astype(np.float16)  # the signal
+    if image_fn is not None:
+        images = image_fn(images)
+    codes = layout.split_codes(path.name, np.arange(n), seed=42, val_fraction=0.25, test_fraction=0.25)
+    train = np.flatnonzero(codes == 0)
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = layout.FORMAT_NAME
+        f.attrs["format_version"] = layout.FORMAT_VERSION if version is None else version
+        f.attrs["channels"] = json.dumps(list(channels))
+        dset = f.create_dataset("images", data=images)
+        dset.attrs["channels"] = json.dumps(list(channels))
+        for name, values in labels.items():
+            f[f"labels/{name}"] = values
+        for code, split in enumerate(layout.SPLITS):
+            f[f"split/{split}"] = np.flatnonzero(codes == code).astype(np.int64)
+        x = images[train].astype(np.float64)
+        count = np.full(len(channels), float(train.size * size * size))
+        total, sumsq = x.sum(axis=(0, 2, 3)), (x ** 2).sum(axis=(0, 2, 3))
+        mean, std = layout.finish_stats(count, total, sumsq)
+        stats = {"n_train": np.int64(train.size), "channel_count": count, "channel_sum": total,
+                 "channel_sumsq": sumsq, "channel_mean": mean, "channel_std": std,
+                 "channel_max": x.max(axis=(0, 2, 3)),
+                 "reference_scale": np.array([layout.REFERENCE_SCALES[c] for c in channels])}
+        for name, values in labels.items():
+            v = values[train]
+            mean, std = layout.finish_stats(v.size, v.sum(), (v ** 2).sum())
+            stats.update({f"{name}_count": float(v.size), f"{name}_sum": v.sum(), f"{name}_sumsq": (v ** 2).sum(),
+                          f"{name}_mean": float(mean), f"{name}_std": float(std), f"{name}_min": v.min(),
+                          f"{name}_max": v.max()})
+        for key, value in stats.items():
+            f[f"stats/{key}"] = value
+        if drop:
+            del f[drop]
+    return path
+
+
+# ---------------------------------------------------------------- trainer helpers
+
+def test_lr_schedules_match_torch():
+    from massreg.train import build_config, lr_at
+
+    seed = build_config("seed", data=("x.h5",), model="tiny")
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=seed.lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=seed.gamma)  # the write-up's, stepped per epoch
+    steps_per_epoch = 3
+    for epoch in range(5):
+        for s in range(steps_per_epoch):
+            assert lr_at(seed, epoch * steps_per_epoch + s, steps_per_epoch) == pytest.approx(
+                opt.param_groups[0]["lr"], rel=1e-12)
+        opt.step()
+        sched.step()
+    c = build_config("default", data=("x.h5",), epochs=10, lr=1e-3, warmup_fraction=0.1, min_lr_ratio=0.01)
+    lrs = [lr_at(c, s, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)        # linear warm-up over 10 steps
+    assert max(lrs) == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-5, rel=0.05)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))                          # then decays monotonically
+
+
+def test_recipes_and_overrides():
+    from massreg.train import TrainConfig, build_config
+
+    seed = build_config("seed", data=("x.h5",))
+    # the original write-up, field by field
+    assert (seed.optimizer, seed.lr, seed.weight_decay, seed.schedule, seed.gamma, seed.batch_size, seed.epochs,
+            seed.loss, seed.norm, seed.aux, seed.flips, seed.model, seed.grad_clip) == \
+        ("adam", 1e-3, 1e-4, "exponential", 0.4, 32, 25, "mse", "stats", False, False, "seed", 0.0)
+    c = build_config("seed", data=("x.h5",), lr=3e-4, loss="l1", device="cpu")
+    assert (c.recipe, c.lr, c.loss, c.batch_size) == ("seed", 3e-4, "l1", 32)
+    assert c.overrides == ("device", "loss", "lr")
+    assert build_config(data=("x.h5",)).recipe == "default" and TrainConfig().model == "seed"
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(batch_size=0), "--batch-size must be > 0"),
+    (dict(epochs=0), "--epochs must be > 0"),
+    (dict(lr=-1.0), "--lr must be > 0"),
+    (dict(loss="l3"), "--loss 'l3'"),
+    (dict(model="huge"), "--model 'huge'"),
+    (dict(resume="runs/a", force=True), "give one of them"),
+    (dict(resume="runs/a", run_dir="runs/b"), "drop --run-dir"),
+    (dict(data=()), "at least one DATA.h5"),
+    (dict(max_train_samples=0), "--max-train-samples"),
+])
+def test_invalid_options_are_refused_before_work(options, message):
+    from massreg.train import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        build_config("default", **{"data": ("x.h5",), **options})
+
+
+def test_force_removes_only_run_files(tmp_path):
+    from massreg.train import ConfigError, build_config, prepare_run_dir
+
+    run = tmp_path / "run"
+    (run / "plots").mkdir(parents=True)
+    for name in ("last.pt", "metrics.csv", "notes.txt"):
+        (run / name).write_text("x")
+    with pytest.raises(ConfigError, match="already holds a run .*--resume"):
+        prepare_run_dir(build_config(data=("x.h5",), run_dir=str(run)))
+    prepare_run_dir(build_config(data=("x.h5",), run_dir=str(run), force=True))
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+
+# ---------------------------------------------------------------- the trainer, end to end
+
+TINY = ["--model", "tiny", "--batch-size", "8", "--device", "cpu"]
+
+
+def run_cli(args):
+    from click.testing import CliRunner
+
+    from massreg.train import main
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    return write_layout_file(tmp_path_factory.mktemp("data") / "top.h5", n=48)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_file):
+    """One 2-epoch run of the default recipe (aux, flips, reference norm), recording which splits were opened."""
+    from massreg import data
+
+    opened = []
+    original = data.H5Images.__init__
+
+    def spy(self, paths, split="train", **kw):
+        opened.append(split)
+        original(self, paths, split, **kw)
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data.H5Images, "__init__", spy)
+        result = run_cli([data_file, *TINY, "--epochs", 2, "--run-dir", run, "--amp"])
+    assert result.exit_code == 0, result.output
+    return run, result.output, opened
+
+
+def test_run_dir_contents(tiny_run, data_file):
+    import pandas as pd
+
+    run, output, opened = tiny_run
+    assert "test" not in opened and set(opened) == {"train", "val"}  # the test split is never read
+    assert "--amp (bf16 autocast) applies on CUDA only" in output
+    assert output.count("epoch 1/2") == 1 and "val_mae" in output
+    names = {p.name for p in run.iterdir()}
+    assert {"config.json", "metrics.csv", "last.pt", "best_val_loss.pt", "best_mre.pt", "plots"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    plots = sorted(p.name for p in (run / "plots").iterdir())
+    assert plots == ["history.png", "val_pred_vs_true.png", "val_residuals.png", "val_response_resolution.png"]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["recipe"] == "default" and cfg["train"]["model"] == "tiny"
+    assert cfg["train"]["batch_size"] == 8 and "batch_size" in cfg["train"]["overrides"]
+    assert cfg["train"]["loss"] == "huber" and cfg["model"]["num_aux"] == 3
+    df = pd.read_csv(run / "metrics.csv")
+    assert list(df.columns) == ["epoch", "train_loss", "val_loss", "val_mae", "val_mre", "val_resolution", "lr",
+                                "seconds", "samples_per_s"]
+    assert df["epoch"].tolist() == [1, 2] and df.notna().all().all()
+    last = ck.load_checkpoint(run / "last.pt")
+    assert last["epoch"] == 2 and last["step"] == 2 * 3  # 24 train rows / batch 8
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in last["model"])
+    assert last["train_config"]["data"] == [str(data_file)] or last["train_config"]["data"] == (str(data_file),)
+
+
+def test_best_checkpoint_reproduces_logged_val_metrics(tiny_run, data_file):
+    """Oracle: rebuild the model from best_val_loss.pt alone, predict val by hand, MAE with numpy."""
+    import pandas as pd
+
+    from massreg.data import H5Images
+
+    run, _, _ = tiny_run
+    ckpt = ck.load_checkpoint(run / "best_val_loss.pt")
+    r = ck.restore(ckpt, "cpu")
+    val = H5Images(data_file, "val", aux=("pt", "ieta", "iphi"))
+    batch = val.__getitems__(list(range(len(val))))
+    with torch.no_grad():
+        z = r.model(r.normalizer(batch["images"]), r.aux_scaler.encode(batch["aux"])).double().numpy()
+    pred = z * ckpt["target"]["std"] + ckpt["target"]["mean"]
+    true = batch["m"].double().numpy()
+    row = pd.read_csv(run / "metrics.csv").set_index("epoch").loc[ckpt["best"]["epoch_val_loss"]]
+    assert np.mean(np.abs(pred - true)) == pytest.approx(row["val_mae"], rel=1e-5)
+    assert np.mean(np.abs(pred - true) / true) == pytest.approx(row["val_mre"], rel=1e-5)
+    assert ckpt["best"]["val_loss"] == pytest.approx(row["val_loss"])
+
+
+def test_existing_run_dir_is_refused(tiny_run, data_file):
+    run, _, _ = tiny_run
+    result = run_cli([data_file, *TINY, "--epochs", 1, "--run-dir", run])
+    assert result.exit_code == 1 and "already holds a run" in result.output and "--resume" in result.output
+
+
+def test_resume_with_another_model_is_refused(tiny_run):
+    run, _, _ = tiny_run
+    result = run_cli(["--resume", run, "--model", "small", "--epochs", 3])
+    assert result.exit_code == 1
+    assert "holds another model" in result.output and "dim: 64" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert ck.load_checkpoint(run / "last.pt")["epoch"] == 2  # untouched
+
+
+def test_resume_with_other_settings_is_refused(tiny_run):
+    run, _, _ = tiny_run
+    result = run_cli(["--resume", run, "--lr", "0.5", "--epochs", 3])
+    assert result.exit_code == 1 and "lr=0.5" in result.output
+
+
+@pytest.mark.parametrize("kind, message", [("version", "format_version is 2"),
+                                           ("missing", "missing /split/val"),
+                                           ("text", "not an HDF5 file")])
+def test_file_not_in_layout_is_a_one_line_error(tmp_path, kind, message):
+    path = tmp_path / "bad.h5"
+    if kind == "text":
+        path.write_text("hello")
+    else:
+        write_layout_file(path, n=8, version=2 if kind == "version" else None,
+                          drop="split/val" if kind == "missing" else None)
+    result = run_cli([path, *TINY, "--epochs", 1, "--run-dir", tmp_path / "run"])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and str(path) in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, data_file, monkeypatch):
+    """2 epochs straight vs 1 epoch, stop, --resume for the 2nd: same weights, optimizer state and metrics.
+
+    The model has dropout and the recipe shuffles, flips and feeds aux, so every RNG path is exercised."""
+    import dataclasses
+
+    import pandas as pd
+
+    from massreg import config as mconfig
+    from massreg.train import build_config, train
+
+    monkeypatch.setitem(mconfig.PRESETS, "tiny-dropout",
+                        dataclasses.replace(mconfig.PRESETS["tiny"], dropout=0.2, emb_dropout=0.1))
+    opts = dict(data=(str(data_file),), model="tiny-dropout", batch_size=8, epochs=2, device="cpu", seed=3)
+    quiet = lambda *a, **k: None  # noqa: E731
+    train(build_config(**opts, run_dir=str(tmp_path / "straight")), echo=quiet)
+    stopped = train(build_config(**opts, run_dir=str(tmp_path / "resumed")), stop_after_epochs=1, echo=quiet)
+    assert stopped["epoch"] == 1 and ck.load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
+    result = run_cli(["--resume", tmp_path / "resumed"])
+    assert result.exit_code == 0, result.output
+
+    a, b = (ck.load_checkpoint(tmp_path / r / "last.pt") for r in ("straight", "resumed"))
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    cols = ["epoch", "train_loss", "val_loss", "val_mae", "val_mre", "val_resolution", "lr"]
+    da, db = (pd.read_csv(tmp_path / r / "metrics.csv")[cols] for r in ("straight", "resumed"))
+    pd.testing.assert_frame_equal(da, db, check_exact=True)
+    assert (tmp_path / "resumed" / "plots" / "history.png").exists()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_file, monkeypatch):
+    calls = {"n": 0}
+    real_forward = engine.forward
+
+    def poisoned(model, batch, **kw):
+        z = real_forward(model, batch, **kw)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 5:  # epoch 2, its 2nd step (3 steps per epoch)
+                z = z * float("nan")
+        return z
+
+    monkeypatch.setattr(engine, "forward", poisoned)
+    run = tmp_path / "run"
+    result = run_cli([data_file, *TINY, "--epochs", 3, "--run-dir", run])
+    assert result.exit_code == 1
+    assert "non-finite loss" in result.output and "epoch 2, step 5" in result.output
+    assert f"{run}/last.pt (epoch 1)" in result.output
+    last = ck.load_checkpoint(run / "last.pt")
+    assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values())
+    assert len((run / "metrics.csv").read_text().strip().splitlines()) == 2  # header + epoch 1

@@ -1,0 +1,649 @@
+"""Train a DeepViT mass regressor on one converted HDF5 data set (several files = shards of one set).
+
+    python -m massreg.train data/top.h5 --model tiny --epochs 8 --run-dir runs/demo
+    python -m massreg.train data/top.h5 --recipe seed                  # the original write-up, for comparison
+    python -m massreg.train --resume runs/demo                         # continue from runs/demo/last.pt
+    torchrun --nproc_per_node=4 -m massreg.train data/top_*.h5 ...     # DistributedDataParallel
+
+Model selection uses the `val` split only; the `test` split is never opened here. The run directory gets
+config.json, metrics.csv (one row per epoch), last.pt, best_val_loss.pt, best_mre.pt (each written atomically,
+each enough to rebuild the model and resume) and plots/ (loss curves; predictions of best_val_loss.pt on val).
+
+Recipes (explicit options override a recipe's values; config.json records both the recipe and the final values):
+  seed     the original write-up: Adam lr 1e-3, weight decay 1e-4 (L2), ExponentialLR gamma 0.4 stepped per
+           epoch, batch 32, 25 epochs, MSE on the standardised mass, z-score normalisation from the file's
+           stats, no aux, no flips, model `seed`. It uses the file's channels (convert with the default
+           --channels 0,1,2,3 for the write-up's "first four channels").
+  default  what trains, chosen by measurement on generated `top` data (README): AdamW, linear warm-up then
+           cosine decay per step, Huber loss on the standardised mass, fixed per-channel reference scales,
+           flips in eta/phi, the aux scalars (pt, ieta, iphi) fed to the model, grad clipping.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from massreg import checkpoint as ck
+from massreg import engine
+
+AUX_NAMES = ("pt", "ieta", "iphi")
+RUN_FILES = ("config.json", "metrics.csv", "last.pt", "best_val_loss.pt", "best_mre.pt")
+METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_mae", "val_mre", "val_resolution", "lr", "seconds",
+                  "samples_per_s")
+
+
+class ConfigError(Exception):
+    """An impossible option combination or a run directory we may not use; one line."""
+
+
+class TrainingError(Exception):
+    """Training had to stop (non-finite loss); the message names epoch and step and the last good checkpoint."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Filled from a recipe, then the explicit command-line options."""
+    data: tuple[str, ...] = ()
+    run_dir: str = ""
+    recipe: str = "default"
+    overrides: tuple[str, ...] = ()   # the options given explicitly on top of the recipe
+    model: str = "seed"               # massreg.config preset
+    epochs: int = 20
+    batch_size: int = 64
+    optimizer: str = "adamw"          # adam (L2 weight decay, as the write-up) | adamw (decoupled)
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    schedule: str = "cosine"          # cosine (warm-up + cosine, per step) | exponential (per epoch) | constant
+    gamma: float = 0.4                # exponential: lr * gamma ** epoch
+    warmup_fraction: float = 0.05     # cosine: share of all steps spent warming up linearly
+    min_lr_ratio: float = 0.01        # cosine: final lr = lr * min_lr_ratio
+    loss: str = "huber"               # on the standardised mass: mse | l1 | huber
+    huber_delta: float = 0.2          # in standard deviations of the mass (~25 GeV on top data)
+    grad_clip: float = 1.0            # max global grad norm; 0 = off
+    norm: str = "reference"           # stats (z-score from /stats) | reference (fixed per-channel scales)
+    aux: bool = True                  # feed pt, ieta, iphi (normalised) to the model
+    flips: bool = True                # random flips in eta and phi, a function of (seed, epoch, row)
+    patch_norm: bool | None = None    # None: the preset's; False drops the LayerNorm over raw patch pixels
+    device: str = "auto"              # auto | cpu | cuda
+    amp: bool = False                 # bf16 autocast on CUDA; a no-op on CPU
+    compile: bool = False
+    workers: int = 0
+    seed: int = 0
+    max_train_samples: int | None = None
+    eval_every: int = 1
+    resume: str | None = None
+    force: bool = False
+
+
+RECIPES: dict[str, dict] = {
+    "seed": dict(model="seed", epochs=25, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=1e-4,
+                 schedule="exponential", gamma=0.4, loss="mse", grad_clip=0.0, norm="stats", aux=False,
+                 flips=False),
+    "default": dict(model="seed", epochs=20, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=0.05,
+                    schedule="cosine", warmup_fraction=0.05, min_lr_ratio=0.01, loss="huber", huber_delta=0.2,
+                    grad_clip=1.0, norm="reference", aux=True, flips=True),
+}
+CHOICES = {"recipe": tuple(RECIPES), "optimizer": ("adam", "adamw"), "schedule": ("cosine", "exponential", "constant"),
+           "loss": ("mse", "l1", "huber"), "norm": ("stats", "reference"), "device": ("auto", "cpu", "cuda")}
+# Options that may change when a run is resumed: they change where and how fast it runs, not what it computes
+# (epochs may grow; with a cosine schedule that stretches the remaining decay).
+RESUME_MUTABLE = {"device", "amp", "compile", "workers", "eval_every", "epochs", "resume", "force", "run_dir", "data"}
+
+
+def build_config(recipe: str = "default", **overrides) -> TrainConfig:
+    """TrainConfig from a recipe plus explicit overrides (None values are ignored), validated."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))}")
+    if "data" in given:
+        given["data"] = tuple(str(p) for p in given["data"])
+    explicit = tuple(sorted(k for k in given if k not in ("data", "run_dir", "resume", "force")))
+    config = TrainConfig(**{**RECIPES[recipe], **given, "recipe": recipe, "overrides": explicit})
+    validate(config)
+    return config
+
+
+def validate(c: TrainConfig) -> None:
+    """Check option values and combinations before any work starts (ConfigError, one line)."""
+    for name, allowed in CHOICES.items():
+        if getattr(c, name) not in allowed:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(c, name)!r}: choose one of {', '.join(allowed)}")
+    positive = {"epochs": c.epochs, "batch_size": c.batch_size, "lr": c.lr, "eval_every": c.eval_every,
+                "huber_delta": c.huber_delta, "gamma": c.gamma}
+    for name, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    for name in ("weight_decay", "grad_clip", "workers"):
+        if getattr(c, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
+    if not 0 <= c.warmup_fraction < 1 or not 0 <= c.min_lr_ratio <= 1:
+        raise ConfigError("warmup_fraction must be in [0, 1) and min_lr_ratio in [0, 1]")
+    if c.max_train_samples is not None and c.max_train_samples < 1:
+        raise ConfigError(f"--max-train-samples must be >= 1, got {c.max_train_samples}")
+    if c.resume and c.force:
+        raise ConfigError("--resume continues a run and --force starts it afresh: give one of them")
+    if c.resume and c.run_dir and Path(c.run_dir).resolve() != Path(c.resume).resolve():
+        raise ConfigError(f"--resume {c.resume} writes into that run directory; drop --run-dir {c.run_dir}")
+    if not c.resume and not c.data:
+        raise ConfigError("give at least one DATA.h5 file (or --resume RUN_DIR)")
+    if c.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but torch sees no CUDA device; use --device cpu or auto")
+    from massreg.config import PRESETS  # the preset names live with the model
+    if c.model not in PRESETS:
+        raise ConfigError(f"--model {c.model!r}: choose one of {', '.join(PRESETS)}")
+
+
+# ---------------------------------------------------------------- small helpers around the loop
+
+def lr_at(c: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Learning rate of optimizer step `step` (0-based)."""
+    if c.schedule == "constant":
+        return c.lr
+    if c.schedule == "exponential":  # torch's ExponentialLR stepped once at the end of every epoch
+        return c.lr * c.gamma ** (step // steps_per_epoch)
+    total = c.epochs * steps_per_epoch
+    warmup = int(round(c.warmup_fraction * total))
+    if step < warmup:
+        return c.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    low = c.lr * c.min_lr_ratio
+    return low + 0.5 * (c.lr - low) * (1.0 + math.cos(math.pi * progress))
+
+
+def loss_fn(c: TrainConfig, z_pred: torch.Tensor, z_true: torch.Tensor) -> torch.Tensor:
+    """Mean loss over the batch, both (B,) in standardised mass units."""
+    if c.loss == "mse":
+        return F.mse_loss(z_pred, z_true)
+    if c.loss == "l1":
+        return F.l1_loss(z_pred, z_true)
+    return F.huber_loss(z_pred, z_true, delta=c.huber_delta)
+
+
+def make_optimizer(c: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Adam with L2 weight decay on everything (the write-up), or AdamW decaying only matrices (not norms,
+    biases, the cls token or positions: decaying those only pulls them to zero)."""
+    if c.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "pos" not in name and "cls" not in name else no_decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=c.lr)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~ck.current_umask())
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_metrics_csv(path: Path, history: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
+    atomic_write_text(path, buf.getvalue())
+
+
+@dataclass
+class Dist:
+    """Where this process sits in a (possibly single-process) job."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(c: TrainConfig) -> Dist:
+    """Single process, or DDP when torchrun set WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
+    cuda = c.device == "cuda" or (c.device == "auto" and torch.cuda.is_available())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(device=torch.device("cuda" if cuda else "cpu"))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return Dist(rank=rank, world=world, local_rank=local_rank,
+                device=torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
+
+
+def broadcast(obj, d: Dist):
+    """rank 0's value of a picklable object on every rank."""
+    if d.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_predictions(out: dict, d: Dist) -> dict:
+    """Concatenate every rank's predictions, drop DistributedSampler's padding duplicates, order by index."""
+    if d.world > 1:
+        parts = [None] * d.world
+        dist.all_gather_object(parts, out)
+        out = {k: np.concatenate([p[k] for p in parts]) for k in ("pred", "true", "index")}
+    _, first = np.unique(out["index"], return_index=True)  # sorted unique positions, first occurrence
+    return {k: v[first] for k, v in out.items()}
+
+
+# ---------------------------------------------------------------- run directory and resume
+
+def default_run_dir() -> str:
+    return str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def check_run_dir(c: TrainConfig) -> list[str]:
+    """Our files already in the run directory; ConfigError if there are any and --force was not given."""
+    run = Path(c.run_dir)
+    held = [name for name in RUN_FILES if (run / name).exists()]
+    if held and not c.force:
+        raise ConfigError(f"{run} already holds a run ({', '.join(held)}); continue it with --resume {run}, "
+                          "or start afresh with --force")
+    return held
+
+
+def prepare_run_dir(c: TrainConfig) -> Path:
+    """Create the run directory; with --force remove only the files a run writes (nothing else in it)."""
+    run = Path(c.run_dir)
+    held = check_run_dir(c)
+    run.mkdir(parents=True, exist_ok=True)
+    for name in held:
+        (run / name).unlink()
+    if (run / "plots").is_dir():
+        shutil.rmtree(run / "plots")
+    return run
+
+
+def resume_config(c: TrainConfig, ckpt: dict) -> TrainConfig:
+    """The stored run config, with only the options that do not change the result taken from `c`."""
+    stored = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in ckpt["train_config"].items()
+                            if k in {f.name for f in fields(TrainConfig)}})
+    if "model" in c.overrides and c.model != stored.model:
+        from massreg.config import model_config
+        mc = ckpt["model_config"]  # same data-derived fields, so only the preset's differences are named
+        asked = model_config(c.model, channels=mc["channels"], num_aux=mc["num_aux"])
+        ck.check_model_config(ckpt, asdict(asked), source=f"{c.resume}/last.pt")
+    clash = [f"{k}={getattr(c, k)!r} (run has {getattr(stored, k)!r})" for k in c.overrides
+             if k not in RESUME_MUTABLE and getattr(c, k) != getattr(stored, k)]
+    if clash:
+        raise ConfigError(f"--resume continues {c.resume} with its own settings; these options differ: "
+                          f"{', '.join(clash)}. Start a new run to change them")
+    changes = {k: getattr(c, k) for k in c.overrides if k in RESUME_MUTABLE}
+    if c.data:
+        changes["data"] = c.data
+    if changes.get("epochs", stored.epochs) < ckpt["epoch"]:
+        raise ConfigError(f"--epochs {changes['epochs']} but {c.resume} has already done {ckpt['epoch']}")
+    return replace(stored, **changes, resume=c.resume, run_dir=str(c.resume), force=False)
+
+
+def check_same_data(ckpt: dict, info: list[dict], source: str) -> None:
+    """The resumed run must read the same files (by size), in the same order."""
+    sizes = [int(x["size"]) for x in info]
+    if list(ckpt["data"]["sizes"]) != sizes:
+        raise ConfigError(f"{source} was trained on {ckpt['data']['paths']} (sizes {ckpt['data']['sizes']}), "
+                          f"these files have sizes {sizes}; resume with the same data files")
+
+
+# ---------------------------------------------------------------- the loop
+
+def train_one_epoch(model, loader, optimizer, c: TrainConfig, *, epoch: int, step: int, steps_per_epoch: int,
+                    normalizer, target, aux_scaler, d: Dist, bar) -> tuple[float, int, int]:
+    """One pass over the train loader. Returns (mean train loss over this rank's samples, samples, next step).
+
+    Raises TrainingError on a non-finite loss or gradient before the optimizer step, so the weights stay finite.
+    """
+    model.train()
+    total, count = 0.0, 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    max_norm = c.grad_clip if c.grad_clip > 0 else float("inf")
+    for batch in loader:
+        lr = lr_at(c, step, steps_per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        z_true = target.encode(batch["m"].to(d.device, non_blocking=True).float())   # (B,)
+        z_pred = engine.forward(model, batch, normalizer=normalizer, aux_scaler=aux_scaler, device=d.device,
+                                amp=c.amp)                                            # (B,)
+        loss = loss_fn(c, z_pred, z_true)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # Under DDP the gradients are already averaged over ranks, so every rank sees the same norm and
+        # stops together (a NaN on one rank would otherwise leave the others waiting).
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        loss_value = loss.item()
+        if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):
+            raise TrainingError(f"non-finite loss ({loss_value}) or gradient norm ({grad_norm.item()}) at epoch "
+                                f"{epoch}, step {step + 1}; stopped without taking the step")
+        optimizer.step()
+        step += 1
+        n = int(batch["m"].shape[0])
+        total += loss_value * n
+        count += n
+        bar.update(1)
+        bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.2e}", refresh=False)
+    return (total / count if count else float("nan")), count, step
+
+
+def validate_epoch(model, loader, c: TrainConfig, *, normalizer, target, aux_scaler, d: Dist) -> dict:
+    """Val predictions of every rank gathered, then loss and metrics on the full split (= single process)."""
+    from massreg.metrics import regression_metrics
+
+    out = engine.predict(model, loader, normalizer=normalizer, target=target, aux_scaler=aux_scaler,
+                         device=d.device, amp=c.amp)
+    out = gather_predictions(out, d)
+    z_pred = torch.from_numpy((out["pred"] - target.mean) / target.std)
+    z_true = torch.from_numpy((out["true"] - target.mean) / target.std)
+    metrics = regression_metrics(out["pred"], out["true"])
+    return {"val_loss": float(loss_fn(c, z_pred, z_true)), "val_mae": metrics["mae"], "val_mre": metrics["mre"],
+            "val_resolution": metrics["resolution"], "predictions": out}
+
+
+def train(config: TrainConfig, *, stop_after_epochs: int | None = None, echo=click.echo) -> dict:
+    """Train (or resume) a run; returns {"run_dir", "best", "history"}.
+
+    stop_after_epochs: leave after that many epochs in this call, as if the job had been stopped there
+    (the next call with resume=RUN_DIR continues; used by the resume test and time-limited batch jobs).
+    """
+    from massreg.config import build_model, model_config
+    from massreg.data import AuxScaler, H5Images, Normalizer, TargetScaler, make_loader
+
+    validate(config)
+    d = setup_distributed(config)
+    say = echo if d.main else (lambda *a, **k: None)
+    try:
+        ckpt = None
+        if config.resume:
+            ckpt = ck.load_checkpoint(Path(config.resume) / "last.pt")
+            config = resume_config(config, ckpt)
+            if not config.data:
+                config = replace(config, data=tuple(ckpt["data"]["paths"]))
+        elif not config.run_dir:
+            config = replace(config, run_dir=broadcast(default_run_dir(), d))
+        if config.amp and d.device.type != "cuda":
+            say("note: --amp (bf16 autocast) applies on CUDA only; running in float32 on CPU")
+
+        # ---- data: train and val only; the test split is never opened here
+        aux_names = AUX_NAMES if config.aux else ()
+        train_set = H5Images(list(config.data), "train", aux=aux_names, flips=config.flips, seed=config.seed)
+        val_set = H5Images(list(config.data), "val", aux=aux_names, flips=False, seed=config.seed)
+        info = train_set.file_info()
+        if ckpt is not None:
+            check_same_data(ckpt, info, f"{config.resume}/last.pt")
+        stats, channels = train_set.stats, list(train_set.channels)
+        if len(train_set) == 0 or len(val_set) == 0:
+            raise ConfigError(f"{', '.join(config.data)}: the train split has {len(train_set)} rows and val "
+                              f"{len(val_set)}; both must be non-empty (convert with more rows)")
+        fit_set = train_set
+        if config.max_train_samples is not None and config.max_train_samples < len(train_set):
+            # The first N train rows: the split is already a seeded hash, so they are a random sample.
+            fit_set = torch.utils.data.Subset(train_set, range(config.max_train_samples))
+        n_fit = len(fit_set)
+
+        normalizer = Normalizer.from_stats(stats, config.norm, channels).to(d.device)
+        target = TargetScaler.from_stats(stats)
+        aux_scaler = AuxScaler.from_stats(stats, aux_names) if aux_names else None
+
+        # ---- model: built from the seed (identical on every rank; DDP also broadcasts rank 0's weights)
+        mcfg = model_config(config.model, channels=len(channels), num_aux=len(aux_names),
+                            **({} if config.patch_norm is None else {"patch_norm": config.patch_norm}))
+        if ckpt is not None:
+            ck.check_model_config(ckpt, asdict(mcfg), source=f"{config.resume}/last.pt")
+        torch.manual_seed(config.seed)
+        raw_model = build_model(mcfg).to(d.device)
+        optimizer = make_optimizer(config, raw_model)
+        epoch, step = 0, 0
+        best = {"val_loss": math.inf, "val_mre": math.inf, "epoch_val_loss": None, "epoch_mre": None}
+        history: list[dict] = []
+        if ckpt is not None:
+            try:
+                raw_model.load_state_dict(ckpt["model"])
+            except RuntimeError as exc:
+                raise ck.CheckpointError(f"{config.resume}/last.pt: weights do not fit --model {config.model}: "
+                                         f"{str(exc).splitlines()[0]}") from None
+            optimizer.load_state_dict(ckpt["optimizer"])
+            epoch, step, best = int(ckpt["epoch"]), int(ckpt["step"]), dict(ckpt["best"])
+            history = [dict(r) for r in ckpt["metrics_history"]]
+            rng = ckpt["rng"]
+            ck.restore_rng(rng["ranks"][d.rank] if rng.get("ranks") and len(rng["ranks"]) == d.world else rng)
+        else:
+            torch.manual_seed(config.seed + d.rank)  # dropout masks differ between ranks
+
+        model = torch.compile(raw_model) if config.compile else raw_model
+        eval_model = model                      # validation runs outside DDP: no gradient sync needed
+        if d.world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+        # ---- run directory (rank 0 writes; the others wait so nobody reads a half-made dir)
+        run = Path(config.run_dir)
+        if ckpt is None:
+            check_run_dir(config)  # every rank, before anything is written, so all refuse together
+        if d.world > 1:
+            dist.barrier()
+        if d.main:
+            if ckpt is None:
+                prepare_run_dir(config)
+            config_json = {"train": asdict(config), "model": asdict(mcfg), "data": info, "channels": channels,
+                           "world_size": d.world, "device": str(d.device), "torch": torch.__version__,
+                           "parameters": sum(p.numel() for p in raw_model.parameters())}
+            atomic_write_text(run / "config.json", json.dumps(ck.to_plain(config_json), indent=2) + "\n")
+        if d.world > 1:
+            dist.barrier()
+
+        per_rank = math.ceil(n_fit / d.world)
+        steps_per_epoch = math.ceil(per_rank / config.batch_size)
+        val_sampler = (torch.utils.data.distributed.DistributedSampler(
+            val_set, num_replicas=d.world, rank=d.rank, shuffle=False) if d.world > 1 else None)
+        val_loader = make_loader(val_set, batch_size=config.batch_size, shuffle=False, seed=config.seed,
+                                 workers=config.workers, sampler=val_sampler)
+        say(f"run {run}: {config.model} model ({count_params(raw_model)} parameters), recipe "
+            f"{config.recipe}, {n_fit} train / {len(val_set)} val rows, {len(channels)} channels, "
+            f"{d.world} process(es) on {d.device}, {steps_per_epoch} steps per epoch")
+
+        def payload() -> dict:
+            rng = ck.capture_rng()
+            if d.world > 1:
+                ranks = [None] * d.world
+                dist.all_gather_object(ranks, rng)
+                rng = {**rng, "ranks": ranks}
+            return ck.to_plain({
+                "model": raw_model.state_dict(), "model_config": asdict(mcfg), "train_config": asdict(config),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": {"schedule": config.schedule, "steps_per_epoch": steps_per_epoch,
+                              "lr": lr_at(config, max(step - 1, 0), steps_per_epoch)},
+                "epoch": epoch, "step": step, "best": best,
+                "normalizer": normalizer.to_dict(),
+                "target": {"mean": target.mean, "std": target.std},
+                "aux": {"names": list(aux_names), "mean": [float(stats[f"{a}_mean"]) for a in aux_names],
+                        "std": [float(stats[f"{a}_std"]) for a in aux_names]},
+                "data": {"paths": [x["path"] for x in info], "sizes": [x["size"] for x in info],
+                         "channels": channels, "stats": stats},
+                "rng": rng, "metrics_history": history})
+
+        start_epoch = epoch
+        while epoch < config.epochs:
+            if stop_after_epochs is not None and epoch - start_epoch >= stop_after_epochs:
+                break
+            train_set.set_epoch(epoch)  # flips of this epoch: a function of (seed, epoch, row)
+            sampler = None
+            if d.world > 1:
+                sampler = torch.utils.data.distributed.DistributedSampler(
+                    fit_set, num_replicas=d.world, rank=d.rank, shuffle=True, seed=config.seed)
+                sampler.set_epoch(epoch)
+            loader = make_loader(fit_set, batch_size=config.batch_size, shuffle=True, seed=config.seed,
+                                 workers=config.workers, epoch=epoch, sampler=sampler)
+            from tqdm.auto import tqdm
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
+                       file=sys.stderr, leave=False, disable=True if not d.main else None)
+            t0 = time.perf_counter()
+            try:
+                train_loss, n_seen, step = train_one_epoch(
+                    model, loader, optimizer, config, epoch=epoch + 1, step=step, steps_per_epoch=steps_per_epoch,
+                    normalizer=normalizer, target=target, aux_scaler=aux_scaler, d=d, bar=bar)
+            except TrainingError as exc:
+                kept = f"{run}/last.pt (epoch {epoch})" if epoch > 0 else "none (this was the first epoch)"
+                raise TrainingError(f"{exc}; last good checkpoint: {kept}. Try a lower --lr or check the data") \
+                    from None
+            finally:
+                bar.close()
+            seconds = time.perf_counter() - t0
+            if d.world > 1:
+                sums = torch.tensor([train_loss * n_seen, n_seen], dtype=torch.float64)
+                dist.all_reduce(sums)
+                train_loss, n_seen = (sums[0] / sums[1]).item(), int(sums[1].item())
+            epoch += 1
+            row = {"epoch": epoch, "train_loss": train_loss, "lr": lr_at(config, step - 1, steps_per_epoch),
+                   "seconds": round(seconds, 3), "samples_per_s": round(n_seen / seconds, 2)}
+            marks = ""
+            if epoch % config.eval_every == 0 or epoch == config.epochs:
+                val = validate_epoch(eval_model, val_loader, config, normalizer=normalizer, target=target,
+                                     aux_scaler=aux_scaler, d=d)
+                row.update({k: val[k] for k in ("val_loss", "val_mae", "val_mre", "val_resolution")})
+                better_loss = val["val_loss"] < best["val_loss"]
+                better_mre = val["val_mre"] < best["val_mre"]
+                if better_loss:
+                    best.update(val_loss=val["val_loss"], epoch_val_loss=epoch, val_mae=val["val_mae"])
+                if better_mre:
+                    best.update(val_mre=val["val_mre"], epoch_mre=epoch)
+                marks = ("  *loss" if better_loss else "") + ("  *mre" if better_mre else "")
+            else:
+                better_loss = better_mre = False
+            history.append(row)
+            state = payload()  # collective under DDP: every rank takes part
+            if d.main:
+                ck.save_checkpoint(run / "last.pt", state)
+                if better_loss:
+                    ck.save_checkpoint(run / "best_val_loss.pt", state)
+                if better_mre:
+                    ck.save_checkpoint(run / "best_mre.pt", state)
+                write_metrics_csv(run / "metrics.csv", history)
+                say(summary_line(row, config.epochs) + marks)
+
+        if d.main and epoch >= config.epochs:
+            make_plots(run, history, raw_model, val_set, config, normalizer=normalizer, target=target,
+                       aux_scaler=aux_scaler, device=d.device, echo=say)
+        if d.world > 1:
+            dist.barrier()
+        return {"run_dir": str(run), "best": best, "history": history, "epoch": epoch, "config": config}
+    finally:
+        if d.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def count_params(model: torch.nn.Module) -> str:
+    n = sum(p.numel() for p in model.parameters())
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k"
+
+
+def summary_line(row: dict, epochs: int) -> str:
+    """One line per epoch, e.g. `epoch 3/8  train 0.1234  val 0.1100  MAE 31.2 GeV  ...`."""
+    text = f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}"
+    if row.get("val_loss") is not None:
+        text += (f"  val_loss {row['val_loss']:.4f}  val_mae {row['val_mae']:.2f} GeV  val_mre "
+                 f"{row['val_mre']:.4f}  val_res {row['val_resolution']:.4f}")
+    return text + f"  lr {row['lr']:.2e}  {row['seconds']:.1f} s  {row['samples_per_s']:.0f} samples/s"
+
+
+def make_plots(run: Path, history: list[dict], raw_model, val_set, c: TrainConfig, *, normalizer, target,
+               aux_scaler, device, echo) -> None:
+    """Loss curves, and val predictions of best_val_loss.pt (reloaded, so a resumed run plots the same)."""
+    from massreg import plots
+    from massreg.data import make_loader
+
+    out = run / "plots"
+    paths = [plots.plot_history(run / "metrics.csv", out / "history.png")]
+    best_path = run / "best_val_loss.pt"
+    if best_path.exists():
+        best = ck.load_checkpoint(best_path, map_location=device)
+        state = {k: v.clone() for k, v in raw_model.state_dict().items()}
+        raw_model.load_state_dict(best["model"])
+        loader = make_loader(val_set, batch_size=c.batch_size, shuffle=False, seed=c.seed, workers=c.workers)
+        pred = engine.predict(raw_model, loader, normalizer=normalizer, target=target, aux_scaler=aux_scaler,
+                              device=device, amp=c.amp)
+        raw_model.load_state_dict(state)  # leave the caller's model as it was (last epoch)
+        label = f"val, best_val_loss.pt epoch {best['epoch']}"
+        paths += plots.plot_predictions(pred["pred"], pred["true"], out, "val", label=label)
+    echo(f"plots: {', '.join(str(p) for p in paths)}")
+
+
+# ---------------------------------------------------------------- CLI
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.argument("data", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Output folder [runs/<timestamp>].")
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default="default", show_default=True,
+              help="Defaults for the options below; explicit options override them.")
+@click.option("--model", help="Model preset: seed | small | tiny [seed].")
+@click.option("--epochs", type=int, help="[recipe]")
+@click.option("--batch-size", type=int, help="[recipe]")
+@click.option("--lr", type=float, help="Peak learning rate [recipe].")
+@click.option("--weight-decay", type=float, help="[recipe]")
+@click.option("--optimizer", type=click.Choice(CHOICES["optimizer"]), help="[recipe]")
+@click.option("--schedule", type=click.Choice(CHOICES["schedule"]), help="[recipe]")
+@click.option("--loss", type=click.Choice(CHOICES["loss"]), help="On the standardised mass [recipe].")
+@click.option("--huber-delta", type=float, help="Huber transition, in standard deviations of the mass [recipe].")
+@click.option("--grad-clip", type=float, help="Max global gradient norm; 0 = off [recipe].")
+@click.option("--norm", type=click.Choice(CHOICES["norm"]), help="Images: z-score from /stats or fixed scales.")
+@click.option("--aux/--no-aux", default=None, help="Feed pt, ieta, iphi to the model [recipe].")
+@click.option("--flips/--no-flips", default=None, help="Random flips in eta and phi while training [recipe].")
+@click.option("--patch-norm/--no-patch-norm", default=None, help="LayerNorm over raw patch pixels [preset's].")
+@click.option("--device", type=click.Choice(CHOICES["device"]), default="auto", show_default=True)
+@click.option("--amp/--no-amp", default=False, show_default=True, help="bf16 autocast (CUDA only).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--resume", type=click.Path(file_okay=False, exists=True), help="Continue RUN_DIR from last.pt.")
+@click.option("--force", is_flag=True, help="Overwrite a run directory that already holds a run.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-train-samples", type=int, help="Use only the first N train rows (quick runs).")
+@click.option("--eval-every", type=int, default=1, show_default=True, help="Validate every N epochs (and last).")
+@click.pass_context
+def main(ctx, data, recipe, **_):
+    """Train the DeepViT mass regressor on DATA.h5 (several files = shards of one data set)."""
+    from click.core import ParameterSource
+
+    from massreg.data import LayoutError
+
+    # Only what the user typed overrides the recipe (and, under --resume, is checked against the run);
+    # the click defaults of the other options equal TrainConfig's.
+    typed = {("compile" if n == "compile_" else n): v for n, v in ctx.params.items()
+             if n not in ("data", "recipe") and ctx.get_parameter_source(n) in
+             (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    try:
+        train(build_config(recipe, data=data, **typed))
+    except (ConfigError, TrainingError, ck.CheckpointError, LayoutError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+if __name__ == "__main__":
+    main()
