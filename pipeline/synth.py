@@ -24,13 +24,17 @@ either side, so that ieta is 12..43 as in the real data; the real files say |eta
     (sampled exactly by inverting its CDF); W -> q q' (massless). Two-body decays are isotropic in the rest
     frame and boosted to the lab with vectorised 4-vector maths; the opening angle is about 2 m / pT, so at
     high m and low pT part of the jet falls outside the image: a physical error floor, as in the real data.
+    How hard that makes it (measured on 4,096 events, seed 5): the invariant mass of the ECAL + HCAL pixels
+    has Pearson 0.79 with m where 2 m / pT < 1 (63 % of events), 0.54 over all (wide decays often lose the b
+    or the W whole); a 30-nearest-neighbour regression on that pixel mass scores a mean absolute error of
+    54 GeV against 101 GeV for a constant, close to the best public numbers on the real data (46-55 vs 104).
   * Each of the 3 partons showers into N ~ Poisson(clip(2 + 2.5 ln E, 4, 20)) massless particles (at most 32,
     a fixed maximum with a mask keeps it vectorised) with energy fractions from a Dirichlet(0.7) and a
     Gaussian spread in (eta, phi) around the parton of clip(0.5 / sqrt(E / GeV), 0.01, 0.1) rad, wider for
     softer particles (x (z N)^-0.3, at most x3). Momentum is not conserved exactly inside a shower (the
     spread adds a little mass), as a real shower adds some.
   * Species: 60 % charged hadrons, 25 % photons (pi0), 15 % neutral hadrons; charge +-1 at random.
-  * A few soft underlying-event particles (Poisson mean 15; pT 0.3 GeV + Exp(1 GeV)), uniform over the image.
+  * A few soft underlying-event particles (Poisson mean 8; pT 0.3 GeV + Exp(0.7 GeV)), uniform over the image.
 
 `a2gg`: A -> gamma gamma with m flat in 0-2 GeV, pT flat in 10-150 GeV, |eta| < 2, phi flat: two photons
 (merged into one cluster at high boost) and a few soft underlying-event particles (Poisson mean 3). The
@@ -55,9 +59,14 @@ Detector response, the same for both processes:
     channel's reference scale (`pipeline.layout.REFERENCE_SCALES`). Images are sparse: > 95 % of the pixels
     are exactly 0.
 
+Left out on purpose: pileup vertices, photon conversions and electrons, pi0 -> gamma gamma splitting,
+b-hadron decay kinematics (only the displacement), HCAL leakage into neighbouring towers, endcaps, and
+momentum conservation inside a shower.
+
 Determinism: chunk i_chunk (of `chunk_rows` rows) of file i_file is simulated with
 `np.random.default_rng([seed, i_file, i_chunk])` (`chunk_rng`), so the data depend on (process, seed, rows,
-chunk_rows) and not on `rows_per_group`, `dtype` (beyond rounding) or `legacy_names`.
+chunk_rows) and not on `rows_per_group`, `dtype` (beyond rounding) or `legacy_names`. Memory peaks at about
+2 MB per chunk row (0.5 GB for the default 256), whatever the number of rows per file.
 """
 from __future__ import annotations
 
@@ -78,6 +87,8 @@ from pipeline.layout import CHANNEL_NAMES, IMAGE_SIZE
 PROCESSES = ("top", "a2gg")
 DTYPES = ("float64", "float32")
 MAX_CHUNK_ROWS = 16384  # 16384 * 125,000 values stays under the int32 offsets of a pyarrow list
+MAX_FILES = 1000        # file names carry a 3-digit index
+LEGACY_NAMES = {"X_jet": "X_jets", "m": "am", "pt": "apt"}  # pipeline.layout.COLUMN_ALIASES, other spelling
 
 # Geometry (see the module docstring).
 PIX = 0.0174                   # one ECAL crystal in eta and in phi
@@ -121,6 +132,8 @@ class SynthConfig:
         for name in ("rows", "files", "rows_per_group", "chunk_rows"):
             if int(getattr(self, name)) < 1:
                 raise SynthError(f"{name} is {getattr(self, name)}: it must be at least 1")
+        if self.files > MAX_FILES:
+            raise SynthError(f"files {self.files} is over {MAX_FILES}: write several directories instead")
         if self.chunk_rows > MAX_CHUNK_ROWS:
             raise SynthError(f"chunk_rows {self.chunk_rows} is over {MAX_CHUNK_ROWS}: use a smaller chunk")
 
@@ -141,35 +154,33 @@ def four_vector(pt, eta, phi, m) -> np.ndarray:
     return np.stack(np.broadcast_arrays(e, px, py, pz), axis=-1)
 
 
-def boost(p: np.ndarray, beta: np.ndarray) -> np.ndarray:
-    """Lorentz-boost 4-vectors p (..., 4) by velocity beta (..., 3): rest frame of a parent -> frame where
-    the parent moves with beta."""
-    b2 = np.sum(beta ** 2, axis=-1, keepdims=True)                      # (..., 1)
-    gamma = 1.0 / np.sqrt(1.0 - b2)
-    bp = np.sum(beta * p[..., 1:], axis=-1, keepdims=True)              # (..., 1) beta . p
-    # (gamma - 1) / beta^2 written so that beta = 0 gives 0 instead of 0 / 0
-    g2 = gamma ** 2 / (1.0 + gamma)
-    e = gamma * (p[..., :1] + bp)
-    vec = p[..., 1:] + (g2 * bp + gamma * p[..., :1]) * beta
-    return np.concatenate([e, vec], axis=-1)
+def two_body(parent: np.ndarray, mass, m1, m2, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Isotropic two-body decays of parents (n, 4) of mass `mass` into masses m1, m2 ((n,) or scalars).
 
-
-def two_body(parent: np.ndarray, m1, m2, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Isotropic two-body decay of parent 4-vectors (n, 4) into masses m1, m2 ((n,) or scalars); lab frame."""
+    Returns the daughters' 4-vectors (n, 4) in the parents' frame. The rest-frame energies and momentum enter
+    only as fractions of the parent mass, and the boost is written with the parent's 4-vector P rather than
+    its velocity: E = E_P e + s p (P.n), p = s p M n + P (e + s p (P.n) / (E_P + M)) with e = E*/M, p = p*/M,
+    s = +-1. A (nearly) massless parent (a2gg at m -> 0) then splits collinearly instead of dividing 0 by 0.
+    """
     n = parent.shape[0]
-    mass = np.sqrt(np.maximum(parent[:, 0] ** 2 - np.sum(parent[:, 1:] ** 2, axis=-1), 0.0))
-    m1, m2 = np.broadcast_to(m1, (n,)), np.broadcast_to(m2, (n,))
-    lam = np.maximum((mass ** 2 - (m1 + m2) ** 2) * (mass ** 2 - (m1 - m2) ** 2), 0.0)
+    mass, m1, m2 = (np.broadcast_to(np.asarray(v, dtype=np.float64), (n,)) for v in (mass, m1, m2))
     safe = np.where(mass > 0, mass, 1.0)
-    pstar = np.sqrt(lam) / (2 * safe)                                   # (n,) momentum in the rest frame
+    a, b = (m1 + m2) / safe, (m1 - m2) / safe
+    p_frac = 0.5 * np.sqrt(np.maximum((1 - a ** 2) * (1 - b ** 2), 0.0))  # (n,) p* / M, 1/2 if massless
+    e_frac = 0.5 * (1 + a * b)                                           # (n,) E1* / M
     cos_t = rng.uniform(-1.0, 1.0, n)
     phi = rng.uniform(0.0, 2 * np.pi, n)
     sin_t = np.sqrt(1.0 - cos_t ** 2)
-    direction = np.stack([sin_t * np.cos(phi), sin_t * np.sin(phi), cos_t], axis=-1)  # (n, 3)
-    d1 = np.concatenate([np.sqrt(pstar ** 2 + m1 ** 2)[:, None], pstar[:, None] * direction], axis=-1)
-    d2 = np.concatenate([np.sqrt(pstar ** 2 + m2 ** 2)[:, None], -pstar[:, None] * direction], axis=-1)
-    beta = parent[:, 1:] / parent[:, :1]                                # (n, 3)
-    return boost(d1, beta), boost(d2, beta)
+    direction = np.stack([sin_t * np.cos(phi), sin_t * np.sin(phi), cos_t], axis=-1)  # (n, 3) unit vector
+    e_p, vec_p = parent[:, 0], parent[:, 1:]
+    pn = np.sum(vec_p * direction, axis=-1)                              # (n,) P . n
+    out = []
+    for e_d, sign in ((e_frac, 1.0), (1.0 - e_frac, -1.0)):
+        sp = sign * p_frac
+        energy = e_p * e_d + sp * pn
+        vec = (sp * mass)[:, None] * direction + vec_p * (e_d + sp * pn / (e_p + mass))[:, None]
+        out.append(np.concatenate([energy[:, None], vec], axis=-1))
+    return out[0], out[1]
 
 
 def eta_phi(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -372,8 +383,8 @@ def simulate_top(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     top = four_vector(pt, eta, phi, m)                                  # (n, 4)
     m_b = 4.8
     m_w = truncated_breit_wigner(80.4, 2.1, 1.0, m - m_b, rng)          # (n,)
-    b, w = two_body(top, m_b, m_w, rng)
-    q1, q2 = two_body(w, 0.0, 0.0, rng)
+    b, w = two_body(top, m, m_b, m_w, rng)
+    q1, q2 = two_body(w, m_w, 0.0, 0.0, rng)
     partons = np.stack([b, q1, q2], axis=1)                             # (n, 3, 4)
     _, axis_phi = eta_phi(top)                                          # = phi folded into (-pi, pi]
     parts = _concat([shower(partons, np.array([True, False, False]), rng),
@@ -389,7 +400,7 @@ def simulate_a2gg(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     eta = rng.uniform(-2.0, 2.0, n)
     phi = rng.uniform(0.0, 2 * np.pi, n)
     parent = four_vector(pt, eta, phi, m)
-    g1, g2 = two_body(parent, 0.0, 0.0, rng)
+    g1, g2 = two_body(parent, m, 0.0, 0.0, rng)
     photons = np.stack([g1, g2], axis=1)                                # (n, 2, 4)
     p_eta, p_phi = eta_phi(photons)
     ev = np.repeat(np.arange(n), 2)
@@ -416,12 +427,6 @@ def simulate(process: str, n: int, rng: np.random.Generator) -> dict[str, np.nda
 # Parquet
 # ----------------------------------------------------------------------------------------------------------
 
-def column_names(process: str, legacy_names: bool) -> list[str]:
-    """Column names in file order."""
-    names = ["X_jets", "am", "apt"] if legacy_names else ["X_jet", "m", "pt"]
-    return names + ["ieta", "iphi"] + (["eta"] if process == "a2gg" else [])
-
-
 def to_table(events: dict[str, np.ndarray], *, dtype: str = "float64",
              legacy_names: bool = False) -> pa.Table:
     """Events from `simulate` -> a pyarrow Table in the real schema. The nested list column is built from one
@@ -433,10 +438,9 @@ def to_table(events: dict[str, np.ndarray], *, dtype: str = "float64",
     rows = pa.ListArray.from_arrays(pa.array(np.arange(n * c * h + 1, dtype=np.int32) * w), values)
     planes = pa.ListArray.from_arrays(pa.array(np.arange(n * c + 1, dtype=np.int32) * h), rows)
     jets = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * c), planes)
-    keys = [k for k in events if k != "X_jet"]
-    process = "a2gg" if "eta" in events else "top"
-    columns = [jets] + [pa.array(np.asarray(events[k], dtype=np.float64)) for k in keys]
-    return pa.Table.from_arrays(columns, names=column_names(process, legacy_names))
+    columns = [jets] + [pa.array(np.asarray(v, dtype=np.float64)) for k, v in events.items() if k != "X_jet"]
+    names = [LEGACY_NAMES.get(k, k) if legacy_names else k for k in events]   # `simulate` gives file order
+    return pa.Table.from_arrays(columns, names=names)
 
 
 def file_name(process: str, i_file: int) -> str:
@@ -462,7 +466,7 @@ def write_file(path: Path, config: SynthConfig, i_file: int, bar: tqdm | None = 
         for i_chunk, start in enumerate(range(0, config.rows, config.chunk_rows)):
             n = min(config.chunk_rows, config.rows - start)
             events = simulate(config.process, n, chunk_rng(config.seed, i_file, i_chunk))
-            table = to_table(events, dtype=config.dtype, legacy_names=config.legacy_names)
+            table = to_table(events, dtype=config.dtype, legacy_names=config.legacy_names)  # shares memory
             del events
             if writer is None:
                 writer = pq.ParquetWriter(tmp, table.schema, compression="snappy")
@@ -472,7 +476,9 @@ def write_file(path: Path, config: SynthConfig, i_file: int, bar: tqdm | None = 
             full = table.num_rows if last else table.num_rows // k * k
             if full:
                 writer.write_table(table.slice(0, full), row_group_size=k)
-            pending = table.slice(full) if full < table.num_rows else None
+            # take() copies the few leftover rows, so that the chunk's ~1 MB per row is freed now
+            pending = table.take(np.arange(full, table.num_rows)) if full < table.num_rows else None
+            del table
             if bar is not None:
                 bar.update(n)
         writer.close()
@@ -527,9 +533,9 @@ _DEFAULTS = {f.name: f.default for f in fields(SynthConfig)}
               help="top: boosted t -> bqq' jets (m 85-500, pT 400-1000 GeV); a2gg: A -> gamma gamma "
                    "(m 0-2, pT 10-150 GeV, |eta| < 2).")
 @click.option("--rows", type=click.IntRange(min=1), default=_DEFAULTS["rows"], show_default=True,
-              help="Rows per file (about 1 MB each in memory).")
-@click.option("--files", type=click.IntRange(min=1), default=_DEFAULTS["files"], show_default=True,
-              help="Number of files, {process}_synth_000.parquet, ...")
+              help="Rows per file (about 4 kB each on disk).")
+@click.option("--files", type=click.IntRange(min=1, max=MAX_FILES), default=_DEFAULTS["files"],
+              show_default=True, help="Number of files, {process}_synth_000.parquet, ...")
 @click.option("--rows-per-group", type=click.IntRange(min=1), default=_DEFAULTS["rows_per_group"],
               show_default=True, help="Rows per Parquet row group (the real files have 1).")
 @click.option("--seed", type=int, default=_DEFAULTS["seed"], show_default=True,
@@ -547,6 +553,7 @@ def main(out_dir, process, rows, files, rows_per_group, seed, chunk_rows, dtype,
     X_jet (8 x 125 x 125 nested lists: track pT, dz, d0, ECAL, HCAL, pixel layers 1-3), then m, pt, ieta,
     iphi (and eta for a2gg) as float64. Also writes synth_config.json. Example:
 
+    \b
         python -m pipeline.synth data/raw --process top --rows 2000 --files 2 --seed 1
     """
     config = SynthConfig(process=process, rows=rows, files=files, rows_per_group=rows_per_group, seed=seed,

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from pipeline.layout import CHANNEL_NAMES, REFERENCE_SCALES
+from pipeline.layout import CHANNEL_NAMES, COLUMN_ALIASES, REFERENCE_SCALES
 from pipeline.synth import (SynthConfig, SynthError, chunk_rng, four_vector, generate, main, simulate,
                             two_body)
 
@@ -80,6 +80,8 @@ def test_float32_and_legacy_names(tmp_path):
     path = generate(tmp_path / "f32", config)[0]
     table = pq.read_table(path)
     assert table.schema.names == ["X_jets", "am", "apt", "ieta", "iphi", "eta"]
+    for name, legacy in zip(["X_jet", "m", "pt"], table.schema.names):
+        assert legacy in COLUMN_ALIASES[name]                          # the converter's accepted aliases
     assert nesting(table.schema.field("X_jets").type) == ["list", "list", "list", "float"]
     assert table.schema.field("am").type == pa.float64()
     ref = pq.read_table(generate(tmp_path / "f64", SynthConfig(process="a2gg", rows=5, seed=2))[0])
@@ -162,19 +164,39 @@ def test_image_structure(process, top, a2gg):
 
 # -------------------------------------------------------------------------------------------------- physics
 
+def mass_of(p: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.maximum(p[:, 0] ** 2 - (p[:, 1:] ** 2).sum(1), 0))
+
+
 def test_two_body_conserves_four_momentum():
     rng = np.random.default_rng(0)
     n = 200
-    parent = four_vector(rng.uniform(10, 1000, n), rng.uniform(-2, 2, n), rng.uniform(0, 6.28, n),
-                         rng.uniform(90, 500, n))
+    m = rng.uniform(90, 500, n)
+    parent = four_vector(rng.uniform(10, 1000, n), rng.uniform(-2, 2, n), rng.uniform(0, 6.28, n), m)
     m1, m2 = 4.8, rng.uniform(1, 80, n)
-    d1, d2 = two_body(parent, m1, m2, rng)
+    d1, d2 = two_body(parent, m, m1, m2, rng)
     np.testing.assert_allclose(d1 + d2, parent, rtol=1e-9, atol=1e-7)
+    np.testing.assert_allclose(mass_of(d1), m1, rtol=1e-5)
+    np.testing.assert_allclose(mass_of(d2), m2, rtol=1e-5)
+    # isotropic in the rest frame: the daughter's direction along the boost is uniform in [-1, 1]
+    beta = parent[:, 1:] / parent[:, :1]
+    gamma = parent[:, 0] / m
+    p_star_par = (gamma * ((d1[:, 1:] * beta).sum(1) / np.linalg.norm(beta, axis=1)
+                           - np.linalg.norm(beta, axis=1) * d1[:, 0]))   # momentum along beta, rest frame
+    p_star = np.sqrt(np.maximum(((m ** 2 - (m1 + m2) ** 2) * (m ** 2 - (m1 - m2) ** 2)), 0)) / (2 * m)
+    cos = p_star_par / p_star
+    np.testing.assert_allclose(np.sort(cos), np.linspace(-1, 1, n), atol=0.2)
 
-    def mass(p):
-        return np.sqrt(np.maximum(p[:, 0] ** 2 - (p[:, 1:] ** 2).sum(1), 0))
-    np.testing.assert_allclose(mass(d1), m1, rtol=1e-5)
-    np.testing.assert_allclose(mass(d2), m2, rtol=1e-5)
+
+def test_two_body_massless_limit():
+    """a2gg at m -> 0: the photons must stay finite and massless and share the parent's momentum."""
+    rng = np.random.default_rng(1)
+    m = np.array([0.0, 1e-9, 1e-6, 1e-3, 1.0])
+    parent = four_vector(np.full(5, 150.0), np.full(5, 1.9), np.zeros(5), m)
+    g1, g2 = two_body(parent, m, 0.0, 0.0, rng)
+    assert np.all(np.isfinite(g1)) and np.all(g1[:, 0] >= 0) and np.all(g2[:, 0] >= 0)
+    np.testing.assert_allclose(g1 + g2, parent, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(mass_of(g1 + g2), m, atol=1e-3)
 
 
 def pixel_mass(images: np.ndarray, ieta: np.ndarray) -> np.ndarray:
@@ -242,7 +264,7 @@ def test_generate_refuses_existing_and_force_replaces(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"process": "ttbar"}, {"rows": 0}, {"dtype": "float16"},
-                                 {"chunk_rows": 100_000}])
+                                 {"chunk_rows": 100_000}, {"files": 1001}])
 def test_bad_config(tmp_path, bad):
     with pytest.raises(SynthError):
         generate(tmp_path, SynthConfig(**bad))
