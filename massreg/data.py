@@ -12,7 +12,8 @@ Design (why it is fast and safe with DataLoader workers):
   no h5py handle is kept open after __init__, and the memmaps are opened lazily once per process (a forked
   worker re-opens its own; pickling drops them), so a dataset pickles to metadata plus the small label arrays.
 - A batch is one `__getitems__` call: indices are sorted (sequential reads), grouped by file, read with one
-  fancy index per file, then put back in the requested order. Images stay float16 on the host; conversion to
+  fancy index per file, then put back in the requested order (make_loader hands over batches already sorted,
+  so the read goes straight into the batch tensor; in a worker that tensor lives in shared memory). Images stay float16 on the host; conversion to
   float32 and normalisation happen on the device (`Normalizer`), which halves host memory traffic.
 - Flips are a pure function of (seed, epoch, global row), so resumed runs and any number of workers agree.
 """
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,12 +31,14 @@ from typing import Sequence
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler,
+                              Subset, get_worker_info)
 
 from pipeline import layout
 
 CLIP_CHANNELS = ("dz", "d0")  # impact parameters: clipped to +-1 after the reference scale (CONTEXT.md)
 NORM_MODES = ("stats", "reference")
+_POOL_SIZE = 3  # batch arrays kept per dataset and process: the one being filled, the one in use, one spare
 _FIX = "re-run pipeline.convert to write a file in the current layout"
 
 
@@ -71,6 +76,14 @@ def flip_masks(seed: int, epoch: int, rows: np.ndarray) -> tuple[np.ndarray, np.
     with np.errstate(over="ignore"):
         z = _splitmix64(np.asarray(rows, dtype=np.uint64) + _key64(f"flips/{seed}/{epoch}"))
     return (z >> np.uint64(63)).astype(bool), ((z >> np.uint64(62)) & np.uint64(1)).astype(bool)
+
+
+def _flip(images: np.ndarray, eta: np.ndarray, phi: np.ndarray) -> None:
+    """Flip in place images (B, C, H, W) in eta (H axis) where eta (B,) and in phi (W axis) where phi (B,)."""
+    if eta.any():
+        images[eta] = images[eta][:, :, ::-1, :]
+    if phi.any():
+        images[phi] = images[phi][:, :, :, ::-1]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,6 +232,7 @@ class H5Images(Dataset):
         self._stats = stats[0] if len(stats) == 1 else layout.combine_stats(stats)
         self._maps: list[np.ndarray] | None = None  # opened lazily, once per process (see _images)
         self._pid: int | None = None
+        self._pool: list[np.ndarray] = []  # batch arrays of this process, reused once released (_batch_images)
 
     # -- metadata --------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -279,7 +293,7 @@ class H5Images(Dataset):
     # -- process-local memmaps -------------------------------------------------------------------------
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_maps"], state["_pid"] = None, None  # never ship an open mapping to another process
+        state["_maps"], state["_pid"], state["_pool"] = None, None, []  # never ship mappings or buffers
         return state
 
     def _images(self) -> list[np.ndarray]:
@@ -287,8 +301,33 @@ class H5Images(Dataset):
         if self._maps is None or self._pid != os.getpid():  # a forked worker opens its own
             self._maps = [np.memmap(f.path, mode="r", dtype=f.dtype, offset=f.offset, shape=f.shape)
                           .view(np.ndarray) if f.shape[0] else np.zeros(f.shape, np.float16) for f in self._files]
-            self._pid = os.getpid()
+            self._pid, self._pool = os.getpid(), []
         return self._maps
+
+    def _batch_images(self, shape: tuple) -> torch.Tensor:
+        """An uninitialised float16 batch tensor of `shape` (B, C, H, W), the destination of one read.
+
+        In a DataLoader worker it is allocated in shared memory, so handing it to the main process costs no
+        copy (what torch's default_collate does). In the main process it comes from a small pool: a fresh
+        32-64 MB array costs ~8,000-16,000 page faults with zero-filling, about 3x the copy itself
+        (benchmarks/bench_loader.py), so arrays that no batch references any more are reused. A pooled array
+        is handed out only while nothing else holds it: every tensor made from it by torch.from_numpy (and
+        every view of such a tensor) keeps a reference to it, so its reference count says whether it is free.
+        """
+        if get_worker_info() is not None and math.prod(shape):
+            storage = torch.UntypedStorage._new_shared(math.prod(shape) * 2)  # 2 bytes per float16
+            return torch.empty(0, dtype=torch.float16).set_(storage, 0, shape)
+        free = [i for i in range(len(self._pool)) if sys.getrefcount(self._pool[i]) == 2]  # refs: list, argument
+        for i in free:
+            a = self._pool[i]
+            if a.shape[1:] == shape[1:] and a.shape[0] >= shape[0]:
+                return torch.from_numpy(a[: shape[0]])  # (B, C, H, W) view of the first B rows
+        a = np.empty(shape, dtype=np.float16)
+        if len(self._pool) < _POOL_SIZE:
+            self._pool.append(a)
+        elif free:
+            self._pool[free[0]] = a  # replace a free array of another shape
+        return torch.from_numpy(a)
 
     # -- reading ---------------------------------------------------------------------------------------
     def __getitems__(self, indices) -> dict:
@@ -298,31 +337,27 @@ class H5Images(Dataset):
         if idx.size and (idx.min() < -n or idx.max() >= n):
             raise IndexError(f"index out of range for a split of {n} rows")
         idx = np.where(idx < 0, idx + n, idx)
-        # Sorted distinct positions; positions and global rows are both ascending, so sorting one sorts both.
-        uniq, inverse = np.unique(idx, return_inverse=True)   # (U,), (B,)
-        rows = self._rows[uniq]                                # (U,) ascending global rows
-        maps = self._images()
-        c = self._files[0].shape[1] if self._files else 0
-        buf = np.empty((uniq.size, c, layout.IMAGE_SIZE, layout.IMAGE_SIZE), dtype=np.float16)  # (U, C, H, W)
+        c = self._files[0].shape[1]
+        maps = self._images()                                  # first, so a new process also gets a new pool
+        out = self._batch_images((idx.size, c, layout.IMAGE_SIZE, layout.IMAGE_SIZE))  # (B, C, H, W) float16
+        # make_loader's batches arrive sorted and distinct: read straight into `out`. Otherwise read the sorted
+        # distinct positions into a scratch buffer and gather them back into the requested order.
+        direct = bool(np.all(idx[1:] > idx[:-1]))
+        uniq, inverse = (idx, None) if direct else np.unique(idx, return_inverse=True)  # (U,), (B,)
+        dst = out.numpy() if direct else np.empty((uniq.size,) + tuple(out.shape[1:]), dtype=np.float16)
+        rows = self._rows[uniq]                                # (U,) ascending: positions and rows sort alike
         bounds = np.searchsorted(rows, self._starts)           # (F+1,) slice of `rows` in each file
         for k in range(len(self._files)):                      # loop over files, not rows
             lo, hi = bounds[k], bounds[k + 1]
             if hi > lo:
                 # mode="clip" (indices are checked above) lets numpy write straight into `out`; the default
-                # mode="raise" would buffer the whole read and copy it again.
-                np.take(maps[k], rows[lo:hi] - self._starts[k], axis=0, out=buf[lo:hi], mode="clip")
-        images = torch.from_numpy(buf)
-        if uniq.size != idx.size or not np.array_equal(uniq, idx):  # restore the requested order
-            images = images[torch.from_numpy(inverse.reshape(-1))]
+                # mode="raise" buffers the whole read and copies it again.
+                np.take(maps[k], rows[lo:hi] - self._starts[k], axis=0, out=dst[lo:hi], mode="clip")
+        if not direct:
+            np.take(dst, inverse.reshape(-1), axis=0, out=out.numpy(), mode="clip")
         if self.flips:
-            eta, phi = flip_masks(self.seed, self.epoch, self._rows[idx])
-            if eta.any():
-                sel = torch.from_numpy(eta)
-                images[sel] = images[sel].flip(2)  # eta is the H axis of (B, C, H, W)
-            if phi.any():
-                sel = torch.from_numpy(phi)
-                images[sel] = images[sel].flip(3)  # phi is the W axis
-        return {"images": images,
+            _flip(out.numpy(), *flip_masks(self.seed, self.epoch, self._rows[idx]))
+        return {"images": out,
                 "m": torch.from_numpy(self._m[idx]),
                 "aux": torch.from_numpy(self._aux[idx]),
                 "index": torch.from_numpy(idx)}
@@ -338,6 +373,16 @@ class H5Images(Dataset):
 # the loader
 
 
+class SortedBatchSampler(BatchSampler):
+    """BatchSampler whose batches come out sorted: a batch is a set of rows (the loss does not depend on their
+    order), and sorted distinct indices let H5Images read straight into the batch with no reordering copy."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            batch.sort()
+            yield batch
+
+
 def _whole_batch(batch):
     """collate_fn: __getitems__ already returns the collated batch dict."""
     return batch
@@ -348,6 +393,9 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, 
                 multiprocessing_context=None, prefetch_factor: int | None = None) -> DataLoader:
     """A DataLoader that fetches each batch with one ``dataset.__getitems__`` call.
 
+    The indices of each batch are sorted (SortedBatchSampler): which rows share a batch is random, their order
+    inside it is not, so H5Images reads them with no reordering copy.
+
     Build one per epoch (it is cheap): the shuffling generator is seeded from (seed, epoch), the dataset's
     flips and a `sampler`'s set_epoch (torch DistributedSampler) are set to `epoch`, so a resumed run
     sees the same batches. `sampler` replaces the built-in shuffling (pass shuffle=False with it).
@@ -357,8 +405,11 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, 
         raise ValueError(f"batch_size must be >= 1, not {batch_size}")
     if sampler is not None and shuffle:
         raise ValueError("pass shuffle=False with a sampler: the sampler decides the order")
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
+    base = dataset
+    while isinstance(base, Subset):  # a Subset of an H5Images still gets this epoch's flips
+        base = base.dataset
+    if hasattr(base, "set_epoch"):
+        base.set_epoch(epoch)
     if sampler is None:
         if shuffle:
             sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
@@ -368,7 +419,7 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, 
         sampler.set_epoch(epoch)
     # batch_sampler + __getitems__ (the DataLoader's documented batched path) measured as fast as
     # batch_size=None with a BatchSampler as sampler (benchmarks/bench_loader.py).
-    return DataLoader(dataset, batch_sampler=BatchSampler(sampler, batch_size, drop_last),
+    return DataLoader(dataset, batch_sampler=SortedBatchSampler(sampler, batch_size, drop_last),
                       collate_fn=_whole_batch, num_workers=workers, pin_memory=torch.cuda.is_available(),
                       multiprocessing_context=multiprocessing_context if workers else None,
                       prefetch_factor=prefetch_factor if workers else None, persistent_workers=False)

@@ -92,7 +92,7 @@ def oracle(paths, parts, split, positions, aux=()):
 
 def bits(t):
     """Exact comparison of float16 data (bit patterns, so -0.0 and 0.0 differ)."""
-    return np.asarray(t).view(np.uint16)
+    return (t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t)).view(np.uint16)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -116,6 +116,8 @@ def test_batches_equal_h5py_across_two_files(two_files, split):
     assert batch["m"].dtype == torch.float32 and batch["aux"].dtype == torch.float32
     np.testing.assert_array_equal(batch["aux"].numpy(), aux)
     np.testing.assert_array_equal(batch["index"].numpy(), idx)
+    run = np.unique(idx)                         # sorted and distinct: the direct path make_loader uses
+    np.testing.assert_array_equal(bits(ds.__getitems__(run)["images"].numpy()), bits(oracle(paths, parts, split, run)[0]))
     one = ds[int(idx[5])]
     np.testing.assert_array_equal(bits(one["images"].numpy()), bits(img[5]))
     assert one["m"].item() == m[5] and one["index"].item() == idx[5]
@@ -144,6 +146,27 @@ def test_edge_indices(two_files):
     np.testing.assert_array_equal(bits(ds[-1]["images"]), bits(ds[len(ds) - 1]["images"]))
     with pytest.raises(IndexError):
         ds.__getitems__([len(ds)])
+
+
+def test_reused_batch_memory_never_overwrites_a_held_batch(two_files):
+    paths, parts = two_files
+    ds = H5Images(paths, None)
+    rng = np.random.default_rng(2)
+    held = []
+    for k in range(8):  # more batches than the pool holds; keep some whole, some as views, some as numpy
+        idx = np.unique(rng.integers(0, len(ds), 6))
+        images = ds.__getitems__(idx)["images"]
+        keep = [images, images[1:3], images.numpy()[2:], None][k % 4]
+        held.append((keep, bits(np.asarray(keep)).copy() if keep is not None else None))
+    for keep, snapshot in held:
+        if keep is not None:
+            np.testing.assert_array_equal(bits(np.asarray(keep)), snapshot)
+    ptrs = {a.ctypes.data for a in ds._pool}
+    del held, images, keep
+    idx = np.arange(6)
+    again = ds.__getitems__(idx)["images"]
+    assert again.data_ptr() in ptrs  # released arrays are reused...
+    np.testing.assert_array_equal(bits(again.numpy()), bits(oracle(paths, parts, None, idx)[0]))  # ...and refilled
 
 
 def test_combined_stats_equal_numpy_over_concatenated_train_rows(two_files):
@@ -225,18 +248,20 @@ def batches(loader):
     return {k: torch.cat([b[k] for b in out]) for k in out[0]}, [len(b["index"]) for b in out]
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
-def test_workers_yield_the_same_batches(two_files, context):
+# spawn: a fresh interpreter gets the pickled dataset (one worker: importing torch there is the slow part)
+@pytest.mark.parametrize("context, workers", [("fork", 2), ("spawn", 1)])
+def test_workers_yield_the_same_batches(two_files, context, workers):
     paths, _ = two_files
     ds = H5Images(paths, "train", aux=("ieta",), flips=True, seed=5)
     ds[0]  # memmaps open in the parent: a forked worker must not reuse them
     ref, sizes = batches(make_loader(ds, batch_size=4, shuffle=True, seed=3, epoch=2))
-    got, sizes2 = batches(make_loader(ds, batch_size=4, shuffle=True, seed=3, epoch=2, workers=2,
+    got, sizes2 = batches(make_loader(ds, batch_size=4, shuffle=True, seed=3, epoch=2, workers=workers,
                                       multiprocessing_context=context))
     assert sizes == sizes2 and sizes[:-1] == [4] * (len(sizes) - 1)
     for k in ref:
         np.testing.assert_array_equal(ref[k].numpy(), got[k].numpy())
     assert sorted(ref["index"].tolist()) == list(range(len(ds)))  # each row once per epoch
+    assert all(np.all(np.diff(b["index"].numpy()) > 0) for b in make_loader(ds, batch_size=4, shuffle=True, seed=3))
 
 
 def test_shuffle_is_seeded_per_epoch_and_sampler_is_honoured(two_files):
@@ -251,6 +276,9 @@ def test_shuffle_is_seeded_per_epoch_and_sampler_is_honoured(two_files):
     ranks = [order(shuffle=False, seed=0, epoch=3, sampler=DistributedSampler(ds, num_replicas=2, rank=r, seed=0))
              for r in range(2)]
     assert sorted(ranks[0] + ranks[1])[: len(ds)] == sorted(set(ranks[0] + ranks[1])) == list(range(len(ds)))
+    sub = torch.utils.data.Subset(ds, range(7))
+    assert [i for b in make_loader(sub, batch_size=5, shuffle=False, seed=0, epoch=9) for i in b["index"].tolist()] \
+        == list(range(7)) and ds.epoch == 9  # the flips of a Subset's dataset follow the epoch too
     with pytest.raises(ValueError, match="shuffle=False"):
         make_loader(ds, batch_size=5, shuffle=True, seed=0, sampler=DistributedSampler(ds, 2, 0))
 
