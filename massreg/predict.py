@@ -1,0 +1,358 @@
+"""Predict the mass of every row of raw Parquet files or converted HDF5 files with a trained checkpoint.
+
+Usage: python -m massreg.predict CHECKPOINT INPUT... --out FILE.csv|FILE.parquet [--split test] [--cuts top]
+
+INPUT is a Parquet file in the raw schema (or a directory of *.parquet), decoded in memory chunk by chunk by
+`pipeline.convert.read_parquet_chunks` (the converter's own decoding, float16 rounding and checks) with the
+checkpoint's channels; no cuts unless --cuts / --cut are given. Or INPUT is one of our HDF5 files: every row, or
+the rows of --split. The kind of each input is read from its first bytes, not its name.
+
+The output (CSV or Parquet, by the suffix of --out; written atomically, an existing file only with --force) has
+one row per prediction: source (the input as given), row (the row number in that input: the Parquet row, or
+the HDF5 row of /images), m_pred (GeV) and m_true (GeV, the file's mass where it has one, else empty).
+The PredictConfig and checkpoint details go beside it in FILE.<suffix>.json (and, for Parquet, in its
+schema metadata).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import click
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from massreg.evaluate import EvaluateError, check_channels, load_model, resolve_device, write_text_atomic
+from pipeline.layout import COLUMN_ALIASES, SPLITS
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+PARQUET_MAGIC = b"PAR1"
+OUT_SUFFIXES = (".csv", ".parquet")
+COLUMNS = ("source", "row", "m_pred", "m_true")
+
+
+class PredictError(Exception):
+    """Bad input or options for predict (one line: which file or option, and what to do)."""
+
+
+@dataclass
+class PredictConfig:
+    """Everything one prediction run depends on; saved beside the output."""
+    checkpoint: str
+    inputs: list[str] = field(default_factory=list)
+    out: str = "predictions.csv"
+    split: str | None = None            # HDF5 inputs: None = every row, or train | val | test
+    cuts: str | None = None             # Parquet inputs: a pipeline.convert preset (paper | top | none)
+    extra_cuts: tuple[str, ...] = ()    # Parquet inputs: more cuts in the converter's syntax
+    clip: bool = False                  # Parquet inputs: saturate values beyond float16's range (as convert)
+    chunk_size: int = 8                 # Parquet row groups per read
+    batch_size: int = 256
+    device: str = "auto"
+    amp: bool = False
+    workers: int = 0                    # DataLoader workers for HDF5 inputs
+    force: bool = False
+
+    def validate(self) -> None:
+        """Checks that need no file reading, so that a bad option fails before any work."""
+        if not self.inputs:
+            raise PredictError("give at least one INPUT (Parquet file, directory of *.parquet, or HDF5 file)")
+        if Path(self.out).suffix.lower() not in OUT_SUFFIXES:
+            raise PredictError(f"--out {self.out}: the name must end in .csv or .parquet (it picks the format)")
+        if Path(self.out).exists() and not self.force:
+            raise PredictError(f"--out {self.out} exists; pass --force to replace it")
+        if not Path(self.out).resolve().parent.is_dir():
+            raise PredictError(f"--out {self.out}: folder {Path(self.out).parent} does not exist; create it first")
+        if self.split is not None and self.split not in SPLITS:
+            raise PredictError(f"--split {self.split!r}: choose one of {', '.join(SPLITS)}")
+        if self.batch_size < 1 or self.chunk_size < 1 or self.workers < 0:
+            raise PredictError(f"batch_size {self.batch_size}, chunk_size {self.chunk_size}, workers "
+                               f"{self.workers}: sizes must be >= 1, workers >= 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise PredictError(f"--device {self.device!r}: choose auto, cpu or cuda")
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+def input_kind(path: Path) -> str:
+    """'hdf5' or 'parquet' from the file's first bytes; PredictError otherwise."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise PredictError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if head == HDF5_MAGIC:
+        return "hdf5"
+    if head[:4] == PARQUET_MAGIC:
+        return "parquet"
+    raise PredictError(f"{path}: neither a Parquet nor an HDF5 file (first bytes {head[:8]!r}); "
+                       "give raw *.parquet files or files written by pipeline.convert")
+
+
+def expand_inputs(inputs) -> list[tuple[str, str]]:
+    """[(path as given or found in a directory, kind)]; a directory stands for its *.parquet, sorted by name."""
+    out = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.glob("*.parquet") if p.is_file())
+            if not found:
+                raise PredictError(f"{path}: directory holds no *.parquet files; check the path")
+            out += [(str(p), "parquet") for p in found]
+        elif path.is_file():
+            out.append((str(path), input_kind(path)))
+        else:
+            raise PredictError(f"{path}: no such file or directory")
+    seen = {}
+    for p, _ in out:
+        real = os.path.realpath(p)
+        if real in seen:
+            raise PredictError(f"{p}: given twice (as {seen[real]} too); give each input once")
+        seen[real] = p
+    return out
+
+
+def parquet_cuts(config: PredictConfig, path: str) -> tuple[list, list[str]]:
+    """(cuts to apply, preset cuts skipped) for one Parquet file: the converter's presets and syntax, and like
+    the converter a preset cut on a column the file lacks is skipped, an explicit --cut on one is an error."""
+    import pyarrow.parquet as pq
+
+    from pipeline.convert import CUT_PRESETS, parse_cut
+
+    texts = [(t, "preset") for t in CUT_PRESETS.get(config.cuts or "none", ())]
+    texts += [(t, "--cut") for t in config.extra_cuts]
+    if not texts:
+        return [], []
+    names = pq.read_schema(path).names
+    aliases = {a: canon for canon, al in COLUMN_ALIASES.items() for a in al}
+    canon_present = {aliases.get(n, n) for n in names}
+    cuts, skipped = [], []
+    for text, source in texts:
+        cut = parse_cut(text, source)
+        column = aliases.get(cut.column, cut.column)
+        if column not in canon_present:
+            if source == "preset":
+                skipped.append(text)
+                continue
+            raise PredictError(f"cut {text!r}: column {cut.column} is not in {path}; columns present: "
+                               f"{', '.join(names)}")
+        cuts.append((cut, column))
+    return cuts, skipped
+
+
+def kept_rows(path: str, cuts: list) -> np.ndarray | None:
+    """Sorted row numbers of `path` that pass every cut, from its scalar columns only (no image is read);
+    None when there are no cuts (every row)."""
+    if not cuts:
+        return None
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(path).names
+    source = {}  # canonical column -> source column, first alias present wins (as the converter)
+    for _, column in cuts:
+        source[column] = next((a for a in COLUMN_ALIASES.get(column, (column,)) if a in names), column)
+    table = pq.read_table(path, columns=sorted(set(source.values())))
+    keep = np.ones(table.num_rows, dtype=bool)
+    for cut, column in cuts:
+        values = table.column(source[column]).to_numpy(zero_copy_only=False).astype(np.float64)  # (N,)
+        keep &= cut.passes(values)
+    return np.flatnonzero(keep).astype(np.int64)
+
+
+def parquet_batches(path: str, *, channels, aux_names, batch_size: int, chunk_size: int, clip: bool,
+                    rows: np.ndarray | None, record: dict, bar) -> Iterator[dict]:
+    """Loader-style batch dicts (as massreg.data.H5Images gives) from a Parquet file, decoded chunk by chunk.
+
+    The converter reads `chunk_size` row groups at a time (one row each in the real files), so chunks are
+    gathered until a whole batch of `batch_size` rows is there: the model is called on full batches.
+    "index" is the running position of each row; record["row"] / record["m"] receive, in that order, its row
+    number in the file and its float64 mass (NaN where the file has none).
+    """
+    from pipeline.convert import read_parquet_chunks
+
+    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # (images, m, aux, row) parts
+    n_pending, position = 0, 0
+
+    def emit(images, m, aux, row):
+        nonlocal position
+        n = row.size
+        record["row"].append(row)
+        record["m"].append(m)
+        batch = {"images": torch.from_numpy(images),                      # (B, C, 125, 125) float16
+                 "m": torch.from_numpy(m.astype(np.float32)),              # (B,)
+                 "aux": torch.from_numpy(aux),                             # (B, A) float32 raw
+                 "index": torch.arange(position, position + n, dtype=torch.int64)}
+        position += n
+        bar.update(n)
+        return batch
+
+    for first, images, scalars in read_parquet_chunks(path, channels=channels, chunk_size=chunk_size,
+                                                      clip=clip, rows=rows):
+        n = images.shape[0]
+        row = (np.arange(first, first + n, dtype=np.int64) if rows is None else rows[first:first + n])
+        m = scalars["m"].astype(np.float64) if "m" in scalars else np.full(n, np.nan)
+        missing = [a for a in aux_names if a not in scalars]
+        if missing:
+            raise PredictError(f"{path}: the checkpoint's model takes {', '.join(aux_names)} but the file has no "
+                               f"{', '.join(missing)} (scalar columns: {', '.join(scalars)})")
+        aux = (np.stack([scalars[a] for a in aux_names], axis=1).astype(np.float32) if aux_names
+               else np.zeros((n, 0), dtype=np.float32))
+        pending.append((images, m, aux, row))
+        n_pending += n
+        if n_pending >= batch_size:
+            cat = [np.concatenate(p) for p in zip(*pending)]
+            full = (n_pending // batch_size) * batch_size
+            for a in range(0, full, batch_size):
+                yield emit(*(x[a:a + batch_size] for x in cat))
+            pending = [tuple(x[full:] for x in cat)] if full < n_pending else []
+            n_pending -= full
+    if n_pending:
+        yield emit(*(np.concatenate(p) for p in zip(*pending)))
+
+
+def counted(loader, bar) -> Iterator[dict]:
+    """Pass batches through, advancing the progress bar by their size."""
+    for batch in loader:
+        bar.update(int(batch["index"].shape[0]))
+        yield batch
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+def predict_file(path: str, kind: str, restored, config: PredictConfig, device, *, progress: bool) -> pd.DataFrame:
+    """Predictions for one input as a DataFrame with COLUMNS."""
+    from massreg import engine
+
+    aux_names = tuple(restored.aux_scaler.names) if restored.aux_scaler is not None else ()
+    run = dict(normalizer=restored.normalizer, target=restored.target, aux_scaler=restored.aux_scaler,
+               device=device, amp=config.amp)
+    if kind == "hdf5":
+        from massreg.data import H5Images, make_loader
+        if config.cuts is not None or config.extra_cuts:
+            raise PredictError(f"{path}: --cuts/--cut apply to Parquet inputs only (an HDF5 file was cut when "
+                               "converted); predict HDF5 files in a separate call")
+        ds = H5Images(path, config.split, aux=aux_names)
+        check_channels(restored.channels, ds.channels, path)
+        loader = make_loader(ds, batch_size=config.batch_size, shuffle=False, seed=0, workers=config.workers)
+        with tqdm(total=len(ds), desc=Path(path).name, unit="row", disable=not progress) as bar:
+            out = engine.predict(restored.model, counted(loader, bar), **run)
+        _, row = ds.locate(out["index"])                    # (N,) row of /images in this file
+        m_true = ds.label("m")[out["index"]].astype(np.float64)  # float64, not the loader's float32
+    else:
+        if config.split is not None:
+            raise PredictError(f"{path}: --split applies to HDF5 inputs only (a Parquet file has no split); "
+                               "predict Parquet files in a separate call")
+        from pipeline.convert import parse_channels
+        channels = parse_channels(list(restored.channels))  # the checkpoint's channels, by name
+        cuts, skipped = parquet_cuts(config, path)
+        if skipped and progress:
+            tqdm.write(f"{path}: cut(s) {', '.join(skipped)} skipped: the file lacks their column", file=sys.stderr)
+        rows = kept_rows(path, cuts)
+        record = {"row": [], "m": []}
+        total = None if rows is None else int(rows.size)
+        with tqdm(total=total, desc=Path(path).name, unit="row", disable=not progress) as bar:
+            out = engine.predict(restored.model, parquet_batches(
+                path, channels=channels, aux_names=aux_names, batch_size=config.batch_size,
+                chunk_size=config.chunk_size, clip=config.clip, rows=rows, record=record, bar=bar), **run)
+        all_rows = np.concatenate(record["row"]) if record["row"] else np.zeros(0, np.int64)
+        all_m = np.concatenate(record["m"]) if record["m"] else np.zeros(0)
+        row, m_true = all_rows[out["index"]], all_m[out["index"]]
+    pred = out["pred"]
+    bad = ~np.isfinite(pred)
+    if bad.any():
+        raise PredictError(f"{path}: {int(bad.sum())} of {pred.size} predictions are NaN or infinite (first at "
+                           f"row {int(row[np.argmax(bad)])}): the checkpoint or the input is broken")
+    return pd.DataFrame({"source": pd.Series([path] * pred.size, dtype="string"),
+                         "row": row.astype(np.int64), "m_pred": pred.astype(np.float64),
+                         "m_true": m_true.astype(np.float64)})
+
+
+def _write_table(df: pd.DataFrame, out: Path, meta: dict) -> None:
+    """CSV or Parquet by suffix, to a temp file beside `out`, then renamed into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        if out.suffix.lower() == ".csv":
+            df.to_csv(tmp, index=False, na_rep="")  # full precision: floats round-trip exactly
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            table = pa.Table.from_pandas(df, preserve_index=False)
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                                   b"massreg_predict": json.dumps(meta).encode()})
+            pq.write_table(table, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def predict(config: PredictConfig, *, progress: bool = False) -> pd.DataFrame:
+    """Predict every input, write config.out (+ its .json beside it), and return the table."""
+    config.validate()
+    inputs = expand_inputs(config.inputs)
+    device = resolve_device(config.device)
+    ckpt, restored = load_model(config.checkpoint, device)
+    frames = [predict_file(path, kind, restored, config, device, progress=progress) for path, kind in inputs]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COLUMNS))
+    if not df["m_true"].notna().any():
+        df = df.drop(columns="m_true")  # no input had a mass: leave the column out rather than fill it with NaN
+    out = Path(config.out)
+    meta = {"config": asdict(config), "checkpoint": {"path": config.checkpoint, "epoch": ckpt.get("epoch"),
+                                                     "model_config": ckpt.get("model_config"),
+                                                     "channels": list(restored.channels)},
+            "inputs": [{"path": p, "kind": k, "rows": int((df["source"] == p).sum())} for p, k in inputs],
+            "columns": list(df.columns), "device": str(device)}
+    if out.exists() and not config.force:  # checked again: it may have appeared while we worked
+        raise PredictError(f"--out {out} exists; pass --force to replace it")
+    write_text_atomic(out.with_name(out.name + ".json"), json.dumps(meta, indent=2) + "\n")
+    _write_table(df, out, meta)
+    return df
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
+              help="Output file: .csv or .parquet.")
+@click.option("--split", default=None, type=click.Choice(list(SPLITS)),
+              help="HDF5 inputs: only the rows of this split [default: every row].")
+@click.option("--cuts", default=None, type=click.Choice(["paper", "top", "none"]),
+              help="Parquet inputs: the converter's cut preset [default: no cuts].")
+@click.option("--cut", "extra_cuts", multiple=True, metavar="EXPR",
+              help="Parquet inputs: an extra cut in the converter's syntax, e.g. '|eta| < 1.4'; repeatable.")
+@click.option("--clip", is_flag=True, help="Parquet inputs: saturate values beyond float16's range, as convert.")
+@click.option("--chunk-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Parquet row groups per read.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--amp/--no-amp", default=False, show_default=True, help="bf16 autocast on CUDA.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
+              help="DataLoader workers (HDF5 inputs).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def main(checkpoint, inputs, out, split, cuts, extra_cuts, clip, chunk_size, batch_size, device, amp, workers,
+         force):
+    """Predict the mass of every row of INPUT (raw Parquet or converted HDF5) with CHECKPOINT."""
+    from massreg.checkpoint import CheckpointError
+    from massreg.data import LayoutError
+    from pipeline.convert import ConvertError
+    config = PredictConfig(checkpoint=checkpoint, inputs=list(inputs), out=out, split=split, cuts=cuts,
+                           extra_cuts=tuple(extra_cuts), clip=clip, chunk_size=chunk_size, batch_size=batch_size,
+                           device=device, amp=amp, workers=workers, force=force)
+    try:
+        df = predict(config, progress=sys.stderr.isatty())
+    except (PredictError, EvaluateError, CheckpointError, LayoutError, ConvertError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    per = df.groupby("source", sort=False).size()
+    click.echo(f"wrote {len(df)} predictions ({', '.join(f'{Path(s).name}: {n}' for s, n in per.items())}) "
+               f"to {out}")
+
+
+if __name__ == "__main__":
+    main()
