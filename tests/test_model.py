@@ -1,0 +1,334 @@
+"""massreg.model / massreg.config: shapes, equivalence with vit-pytorch's DeepViT, gradients, dropout, presets."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import asdict
+
+import pytest
+import torch
+from torch import nn
+
+from massreg.config import PRESETS, ModelConfig, build_model, model_config
+from massreg.model import DeepViT, Dropout
+
+TINY = dict(image_size=125, patch_size=25, channels=4, dim=32, depth=3, heads=4, dim_head=8, mlp_dim=64,
+            dropout=0.0, emb_dropout=0.0)
+
+
+def load_reference():
+    """vit-pytorch's deepvit.py loaded by file path: its package __init__ imports torchvision, absent here."""
+    spec = importlib.util.find_spec("vit_pytorch")
+    if spec is None:
+        pytest.skip("vit-pytorch is not installed (make setup installs it with --no-deps)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "deepvit.py")
+    module_spec = importlib.util.spec_from_file_location("vit_pytorch_deepvit_reference", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def reference_model(cfg: dict) -> nn.Module:
+    """vit-pytorch's DeepViT for the same configuration (one output, cls pooling)."""
+    keep = ("image_size", "patch_size", "channels", "dim", "depth", "heads", "dim_head", "mlp_dim", "dropout",
+            "emb_dropout")
+    return load_reference().DeepViT(num_classes=1, pool="cls", **{k: cfg[k] for k in keep})
+
+
+def name_map(depth: int) -> dict[str, str]:
+    """vit-pytorch state_dict name -> ours, written out (Sequential indices in the reference, names in ours)."""
+    names = {
+        "to_patch_embedding.1.weight": "patch_norm.weight",   # LayerNorm over the raw patch pixels
+        "to_patch_embedding.1.bias": "patch_norm.bias",
+        "to_patch_embedding.2.weight": "patch_to_embedding.weight",
+        "to_patch_embedding.2.bias": "patch_to_embedding.bias",
+        "to_patch_embedding.3.weight": "embedding_norm.weight",
+        "to_patch_embedding.3.bias": "embedding_norm.bias",
+        "pos_embedding": "pos_embedding",
+        "cls_token": "cls_token",
+        "mlp_head.0.weight": "head_norm.weight",
+        "mlp_head.0.bias": "head_norm.bias",
+        "mlp_head.1.weight": "head.weight",
+        "mlp_head.1.bias": "head.bias",
+    }
+    for i in range(depth):
+        ref, ours = f"transformer.layers.{i}", f"transformer.layers.{i}"
+        names.update({
+            f"{ref}.0.norm.weight": f"{ours}.attn.norm.weight",
+            f"{ref}.0.norm.bias": f"{ours}.attn.norm.bias",
+            f"{ref}.0.to_qkv.weight": f"{ours}.attn.to_qkv.weight",
+            f"{ref}.0.reattn_weights": f"{ours}.attn.reattn_weights",
+            f"{ref}.0.reattn_norm.1.weight": f"{ours}.attn.reattn_norm.weight",   # index 1: between Rearranges
+            f"{ref}.0.reattn_norm.1.bias": f"{ours}.attn.reattn_norm.bias",
+            f"{ref}.0.to_out.0.weight": f"{ours}.attn.to_out.weight",
+            f"{ref}.0.to_out.0.bias": f"{ours}.attn.to_out.bias",
+            f"{ref}.1.net.0.weight": f"{ours}.ff.net.0.weight",
+            f"{ref}.1.net.0.bias": f"{ours}.ff.net.0.bias",
+            f"{ref}.1.net.1.weight": f"{ours}.ff.net.1.weight",
+            f"{ref}.1.net.1.bias": f"{ours}.ff.net.1.bias",
+            f"{ref}.1.net.4.weight": f"{ours}.ff.net.4.weight",
+            f"{ref}.1.net.4.bias": f"{ours}.ff.net.4.bias",
+        })
+    return names
+
+
+def paired_models(cfg: dict, seed: int = 0) -> tuple[nn.Module, DeepViT]:
+    """The reference with every parameter random (LayerNorm affines too, so a mixed-up axis or affine shows),
+    and our model holding the same weights through `name_map`."""
+    torch.manual_seed(seed)
+    ref = reference_model(cfg)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("weight") and p.dim() == 1:       # LayerNorm gains: around 1, never 0
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.uniform_(-0.3, 0.3)
+    ours = DeepViT(**cfg)
+    mapping = name_map(cfg["depth"])
+    ref_state, our_state = ref.state_dict(), ours.state_dict()
+    assert set(mapping) == set(ref_state), set(mapping) ^ set(ref_state)
+    assert set(mapping.values()) == set(our_state), set(mapping.values()) ^ set(our_state)
+    ours.load_state_dict({mapping[k]: v for k, v in ref_state.items()})
+    return ref, ours
+
+
+def sparse_images(b: int, c: int, size: int = 125, seed: int = 1) -> torch.Tensor:
+    """Mostly-zero images like the detector's: whole empty patches exercise the LayerNorm's eps path."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, size, size, generator=g).abs() * 3
+    return x * (torch.rand(b, c, size, size, generator=g) < 0.05)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- shapes / checks
+
+@pytest.mark.parametrize("channels", [4, 8])
+@pytest.mark.parametrize("num_aux", [0, 3])
+@pytest.mark.parametrize("patch_size", [5, 25])
+def test_output_shape(channels, num_aux, patch_size):
+    cfg = model_config("tiny", channels=channels, num_aux=num_aux, patch_size=patch_size, depth=1)
+    model = build_model(cfg).eval()
+    aux = torch.randn(3, num_aux) if num_aux else None
+    with torch.no_grad():
+        out = model(torch.randn(3, channels, 125, 125), aux)
+    assert out.shape == (3,) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_patch_size_must_divide_image():
+    with pytest.raises(AssertionError, match="patch_size 10 must divide image_size 125"):
+        DeepViT(**{**TINY, "patch_size": 10})
+    with pytest.raises(ValueError, match=r"patch_size 10 must divide image_size 125; choose one of \[1, 5, 25, 125\]"):
+        model_config("tiny", patch_size=10)
+
+
+@pytest.mark.parametrize("field,value", [("heads", 0), ("depth", 0), ("dim", 0), ("num_aux", -1), ("dropout", 1.0)])
+def test_impossible_configs_rejected(field, value):
+    with pytest.raises(ValueError, match=field):
+        model_config("tiny", **{field: value})
+    with pytest.raises(AssertionError, match=field):
+        DeepViT(**{**TINY, field: value})
+
+
+def test_bad_inputs_named():
+    model = DeepViT(**TINY, num_aux=2).eval()
+    with pytest.raises(ValueError, match=r"expects images \(B, 4, 125, 125\), got \(2, 8, 125, 125\)"):
+        model(torch.zeros(2, 8, 125, 125), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="num_aux=2 was called with no aux"):
+        model(torch.zeros(2, 4, 125, 125))
+    with pytest.raises(ValueError, match=r"aux must be \(B, 2\)"):
+        model(torch.zeros(2, 4, 125, 125), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="num_aux=0 was called with aux"):
+        DeepViT(**TINY).eval()(torch.zeros(2, 4, 125, 125), torch.zeros(2, 2))
+
+
+# ---------------------------------------------------------------------------------- equivalence with vit-pytorch
+
+def max_abs_diff(ref: nn.Module, ours: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        expected = ref(x)                     # (B, 1)
+        got = ours(x)                         # (B,)
+    assert expected.shape == (x.shape[0], 1) and got.shape == (x.shape[0],)
+    return (got - expected[:, 0]).abs().max().item()
+
+
+@pytest.mark.parametrize("cfg", [
+    TINY,
+    {**TINY, "channels": 8, "heads": 8, "dim_head": 4},
+    {**TINY, "dropout": 0.3, "emb_dropout": 0.2},                       # dropout > 0, eval mode
+    {**TINY, "patch_size": 5, "depth": 1},                              # 625 patches of 5 x 5
+], ids=["tiny", "8ch-8heads", "dropout-eval", "patch5"])
+def test_equals_vit_pytorch_deepvit(cfg):
+    ref, ours = paired_models(cfg)
+    assert n_params(ours) == n_params(ref)
+    ref.eval(), ours.eval()
+    x = sparse_images(4, cfg["channels"])
+    with torch.no_grad():
+        scale = ref(x).abs().max().item()
+    assert scale > 0.1                                          # a real signal, not a trivially small output
+    assert max_abs_diff(ref, ours, x) < 1e-5
+
+
+def test_gradients_equal_vit_pytorch_deepvit():
+    """Same loss -> same gradient for every parameter: the cls-only last layer changes no gradient."""
+    ref, ours = paired_models(TINY, seed=3)
+    ref.train(), ours.train()                                   # dropout 0: train mode is deterministic
+    x, y = sparse_images(4, 4, seed=2), torch.randn(4)
+    torch.nn.functional.mse_loss(ref(x)[:, 0], y).backward()
+    torch.nn.functional.mse_loss(ours(x), y).backward()
+    ours_params = dict(ours.named_parameters())
+    for ref_name, our_name in name_map(TINY["depth"]).items():
+        g_ref = dict(ref.named_parameters())[ref_name].grad
+        g_ours = ours_params[our_name].grad
+        assert torch.allclose(g_ours, g_ref, rtol=1e-4, atol=1e-6), ref_name
+
+
+@pytest.mark.parametrize("mutation", ["no-reattn-norm", "no-head-mixing", "norm-over-keys"])
+def test_equivalence_check_catches_mutations(mutation, monkeypatch):
+    """The comparison above fails when a piece of re-attention is dropped or misplaced."""
+    ref, ours = paired_models(TINY)
+    ref.eval(), ours.eval()
+    x = sparse_images(4, 4)
+    for layer in ours.transformer.layers:
+        attn = layer.attn
+        if mutation == "no-reattn-norm":
+            attn.reattn_norm = nn.Identity()
+        elif mutation == "no-head-mixing":
+            with torch.no_grad():
+                attn.reattn_weights.copy_(torch.eye(attn.heads))
+        else:  # LayerNorm over the last axis of the usual (B, h, i, j) layout, i.e. over the keys j
+            monkeypatch.setattr(attn, "reattn_norm", NormOverKeys(attn.reattn_norm))
+    assert max_abs_diff(ref, ours, x) > 1e-3
+
+
+class NormOverKeys(nn.Module):
+    """Wrong on purpose: applied to (B, i, j, h), normalises over j (the keys) instead of h (the heads)."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, attn):                                    # (B, i, j, h)
+        z = attn.transpose(2, 3)                                # (B, i, h, j)
+        z = torch.nn.functional.layer_norm(z, z.shape[-1:])
+        return z.transpose(2, 3) * self.norm.weight + self.norm.bias
+
+
+def test_seed_preset_parameter_count_matches_reference():
+    cfg = asdict(model_config("seed"))
+    ours = build_model(model_config("seed"))
+    assert n_params(ours) == n_params(reference_model(cfg)) == 40_397_161
+
+
+# ---------------------------------------------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("options", [dict(), dict(num_aux=3, patch_norm=False, dropout=0.1, emb_dropout=0.1)],
+                         ids=["reference", "aux-nopatchnorm-dropout"])
+def test_backward_every_parameter_gets_a_gradient(options):
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny", depth=2, **options)).train()
+    aux = torch.randn(4, options["num_aux"]) if options.get("num_aux") else None
+    out = model(sparse_images(4, 4), aux)
+    torch.nn.functional.mse_loss(out, torch.randn(4)).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+        assert p.grad.abs().max() > 0, f"{name} has an all-zero gradient"
+
+
+def test_aux_changes_the_output():
+    model = build_model(model_config("tiny", num_aux=3)).eval()
+    x = sparse_images(2, 4)
+    with torch.no_grad():
+        a, b = model(x, torch.zeros(2, 3)), model(x, torch.ones(2, 3))
+    assert (a - b).abs().min() > 1e-4
+
+
+def test_patch_norm_off_keeps_energy_scale():
+    """With the pixel LayerNorm, scaling an image's energies cannot change the prediction (LayerNorm is
+    scale-invariant up to eps); without it, it can. Only once the projection has a bias, as after training: at
+    initialisation (bias 0) the LayerNorm after the projection divides the scale out too."""
+    x = sparse_images(1, 4)
+    models = {}
+    for patch_norm in (True, False):
+        torch.manual_seed(0)
+        models[patch_norm] = build_model(model_config("tiny", patch_norm=patch_norm)).eval()
+        with torch.no_grad():
+            models[patch_norm].patch_to_embedding.bias.uniform_(-0.05, 0.05)
+    assert "patch_norm.weight" not in models[False].state_dict()
+    def tokens(model, images):                                # (B, patches, dim), what the transformer sees
+        return model.embedding_norm(model.patch_to_embedding(model.patch_norm(model.to_patches(images))))
+
+    with torch.no_grad():
+        assert (tokens(models[True], x) - tokens(models[True], 3 * x)).abs().max().item() < 1e-4
+        assert (tokens(models[False], x) - tokens(models[False], 3 * x)).abs().max().item() > 1e-2
+        assert (models[True](x) - models[True](3 * x)).abs().item() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------ dropout
+
+def test_dropout_distribution_and_gradient():
+    p = 0.1
+    drop = Dropout(p).train()
+    x = torch.rand(1_000_000) + 0.5                                 # never 0, so dropped = exactly 0
+    x.requires_grad_(True)
+    torch.manual_seed(5)
+    y = drop(x)
+    kept = y != 0
+    # keep fraction 1 - p: binomial std sqrt(p (1-p) / n) = 3e-4, allow 5 std
+    assert abs(kept.float().mean().item() - (1 - p)) < 1.5e-3
+    assert torch.allclose(y[kept], x[kept] / (1 - p))
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() / (1 - p))            # d y / d x = mask / (1 - p)
+    torch.manual_seed(5)
+    assert torch.equal(drop(x.detach()), y.detach())              # the global seed reproduces the mask
+    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+
+
+def test_dropout_masks_are_independent_between_calls():
+    drop = Dropout(0.5).train()
+    a, b = drop(torch.ones(10_000)) != 0, drop(torch.ones(10_000)) != 0
+    # agreement of two independent Bernoulli(0.5) masks: 0.5 +- 0.005 (1 std)
+    assert abs((a == b).float().mean().item() - 0.5) < 0.03
+
+
+# ------------------------------------------------------------------------------------------------------ config
+
+def test_presets():
+    seed = PRESETS["seed"]
+    assert (seed.patch_size, seed.dim, seed.depth, seed.heads, seed.dim_head, seed.mlp_dim, seed.dropout,
+            seed.emb_dropout, seed.channels, seed.num_aux, seed.patch_norm) == (
+        25, 1024, 6, 8, 64, 2048, 0.1, 0.1, 4, 0, True)             # the write-up's model
+    assert PRESETS["tiny"].dropout == 0.0 and n_params(build_model(PRESETS["tiny"])) < 500_000
+    assert set(PRESETS) == {"seed", "small", "tiny"}
+
+
+def test_model_config_overrides_copy_and_round_trip():
+    cfg = model_config("small", channels=8, num_aux=3)
+    assert (cfg.channels, cfg.num_aux, cfg.dim) == (8, 3, PRESETS["small"].dim)
+    cfg.dim = 7
+    assert PRESETS["small"].dim == 256                               # presets are not shared objects
+    assert ModelConfig(**asdict(cfg)) == cfg                         # what a checkpoint stores rebuilds it
+
+
+def test_model_config_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown model preset 'huge'; choose one of: seed, small, tiny"):
+        model_config("huge")
+    with pytest.raises(ValueError, match="unknown model option.*depht"):
+        model_config("tiny", depht=3)
+
+
+# ---------------------------------------------------------------------------------------------------------- GPU
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_equals_reference_and_bf16_close():
+    ref, ours = paired_models(TINY)
+    ref, ours = ref.cuda().eval(), ours.cuda().eval()
+    x = sparse_images(8, 4).cuda()
+    assert max_abs_diff(ref, ours, x) < 1e-4                       # TF32 may be on for matmuls
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        low = ours(x).float()
+    with torch.no_grad():
+        assert (low - ours(x)).abs().max().item() < 0.1 * ours(x).abs().max().item()
