@@ -1,6 +1,6 @@
 """Evaluate a trained checkpoint on one split of one or more converted HDF5 files.
 
-Usage: python -m massreg.evaluate CHECKPOINT DATA.h5 [DATA2.h5 ...] [--split test] [--out DIR]
+Usage: python -m massreg.evaluate CHECKPOINT DATA.h5 [DATA2.h5 ...] [--split test] [--out DIR] [--max-mae-ratio 0.7]
 
 Restores the model (massreg.checkpoint.restore), predicts every row of the split (massreg.engine.predict),
 and reports MAE, RMSE, MRE, bias and resolution in GeV overall and per true-mass bin, beside a constant
@@ -48,6 +48,7 @@ class EvaluateConfig:
     amp: bool = False              # bf16 autocast on CUDA
     workers: int = 0
     n_bins: int = 10               # equal-width true-mass bins over the train split's [m_min, m_max]
+    max_mae_ratio: float | None = None  # fail (after writing) if MAE model / constant is above this (demo, CI)
 
     def validate(self) -> None:
         if not self.data:
@@ -59,6 +60,8 @@ class EvaluateConfig:
                                 "batch_size and n_bins must be >= 1, workers >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise EvaluateError(f"--device {self.device!r}: choose auto, cpu or cuda")
+        if self.max_mae_ratio is not None and not self.max_mae_ratio > 0:
+            raise EvaluateError(f"--max-mae-ratio {self.max_mae_ratio}: it must be > 0")
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path(self.checkpoint).parent / f"eval_{self.split}"
@@ -186,6 +189,15 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> dict:
     return report
 
 
+def check_bound(report: dict, max_mae_ratio: float | None) -> None:
+    """EvaluateError when the model's MAE is above max_mae_ratio x the constant predictor's."""
+    ratio = report.get("mae_ratio")
+    if max_mae_ratio is not None and (ratio is None or ratio > max_mae_ratio):
+        raise EvaluateError(f"MAE model / constant = {ratio if ratio is None else format(ratio, '.3f')} is above "
+                            f"the bound {max_mae_ratio} (model MAE {report['model']['mae']:.2f} GeV, constant "
+                            f"{report['constant']['mae']:.2f} GeV); see {report['out_dir']}")
+
+
 def format_report(report: dict) -> str:
     """The model's metrics beside the constant predictor's, overall and per true-mass bin, as text."""
     m, c = report["model"], report["constant"]
@@ -224,17 +236,20 @@ def format_report(report: dict) -> str:
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader workers.")
 @click.option("--bins", "n_bins", default=10, show_default=True, type=click.IntRange(min=1),
               help="Number of true-mass bins in the table and plots.")
-def main(checkpoint, data, split, out, batch_size, device, amp, workers, n_bins):
+@click.option("--max-mae-ratio", type=float, default=None,
+              help="Exit non-zero (after writing everything) if MAE model / constant predictor is above this.")
+def main(checkpoint, data, split, out, batch_size, device, amp, workers, n_bins, max_mae_ratio):
     """Evaluate CHECKPOINT on a split of DATA.h5 (several files = one data set)."""
     from massreg.checkpoint import CheckpointError
     from massreg.data import LayoutError
     config = EvaluateConfig(checkpoint=checkpoint, data=list(data), split=split, out=out, batch_size=batch_size,
-                            device=device, amp=amp, workers=workers, n_bins=n_bins)
+                            device=device, amp=amp, workers=workers, n_bins=n_bins, max_mae_ratio=max_mae_ratio)
     try:
         report = evaluate(config, progress=sys.stderr.isatty())
+        click.echo(format_report(report))
+        check_bound(report, max_mae_ratio)
     except (EvaluateError, CheckpointError, LayoutError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(format_report(report))
 
 
 if __name__ == "__main__":

@@ -214,6 +214,13 @@ def test_evaluate_several_files_and_cli(setup, tmp_path):
         with h5py.File(p, "r") as f:
             ms.append(f["labels/m"][()][f["split/train"][()]])
     assert saved["constant"]["value"] == pytest.approx(np.concatenate(ms).mean())
+    # --max-mae-ratio: the bound of `make demo`; outputs are written either way, the exit code tells
+    ratio = saved["mae_ratio"]
+    args = [ckpt, *data, "--split", "val", "--out", str(tmp_path / "ev2")]
+    assert CliRunner().invoke(main, [*args, "--max-mae-ratio", str(ratio * 1.01)]).exit_code == 0
+    res = CliRunner().invoke(main, [*args, "--max-mae-ratio", str(ratio * 0.99)])
+    assert res.exit_code == 1 and "is above the bound" in res.output.strip().splitlines()[-1]
+    assert (tmp_path / "ev2" / "metrics.json").is_file()
 
 
 def test_evaluate_bad_inputs_one_line(setup, tmp_path):
