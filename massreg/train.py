@@ -501,7 +501,7 @@ def train(config: TrainConfig, *, stop_after_epochs: int | None = None, echo=cli
                 sampler = torch.utils.data.distributed.DistributedSampler(
                     fit_set, num_replicas=d.world, rank=d.rank, shuffle=True, seed=config.seed)
                 sampler.set_epoch(epoch)
-            loader = make_loader(fit_set, batch_size=config.batch_size, shuffle=True, seed=config.seed,
+            loader = make_loader(fit_set, batch_size=config.batch_size, shuffle=sampler is None, seed=config.seed,
                                  workers=config.workers, epoch=epoch, sampler=sampler)
             from tqdm.auto import tqdm
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
