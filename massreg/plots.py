@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
 from massreg.metrics import binned_metrics, mass_edges
 
@@ -108,13 +109,20 @@ def plot_predictions(pred, true, out_dir, prefix: str = "", *, edges=None, label
     # 1. predicted against true: where the model is confused, and whether it hugs the mean.
     fig = Figure(figsize=(5.6, 5), layout="constrained")
     ax = fig.subplots()
-    lo = float(min(pred.min(), true.min()))
-    hi = float(max(pred.max(), true.max()))
+    # The range covers every true mass and the central 99.8 % of predictions, so that a few wild
+    # predictions do not squeeze the picture; how many fall outside is said in the legend.
+    p_lo, p_hi = np.percentile(pred, [0.1, 99.9])
+    lo, hi = float(min(p_lo, true.min())), float(max(p_hi, true.max()))
     span = (hi - lo) or 1.0
     rng = [lo - 0.02 * span, hi + 0.02 * span]
-    _, _, _, im = ax.hist2d(true, pred, bins=60, range=[rng, rng], cmin=1, norm=LogNorm(), cmap="viridis")
-    fig.colorbar(im, ax=ax, label="rows")
-    ax.plot(rng, rng, color="red", lw=1, ls="--", label="pred = true")
+    outside = int(np.count_nonzero((pred < rng[0]) | (pred > rng[1])))
+    bins = int(np.clip(1.5 * np.sqrt(pred.size), 20, 80))  # fewer, wider cells for a small test split
+    _, _, _, im = ax.hist2d(true, pred, bins=bins, range=[rng, rng], cmin=1, norm=LogNorm(), cmap="viridis")
+    cbar = fig.colorbar(im, ax=ax, label="rows")
+    cbar.ax.yaxis.set_major_formatter(LogFormatter())  # plain "2", "30", not "2 x 10^0"
+    cbar.ax.yaxis.set_minor_formatter(LogFormatter())
+    ax.plot(rng, rng, color="red", lw=1, ls="--",
+            label="pred = true" + (f"\n{outside} predictions off the plot" if outside else ""))
     ax.set(xlabel="true mass [GeV]", ylabel="predicted mass [GeV]", xlim=rng, ylim=rng,
            title=f"predicted vs true mass{suffix}")
     ax.set_aspect("equal")
@@ -125,7 +133,8 @@ def plot_predictions(pred, true, out_dir, prefix: str = "", *, edges=None, label
     r = pred - true
     fig = Figure(figsize=(6, 4.2), layout="constrained")
     ax = fig.subplots()
-    ax.hist(r, bins=80, color="C0", alpha=0.8,
+    r_lo, r_hi = np.percentile(r, [0.1, 99.9])  # mean and std are of all rows; the picture of 99.8 %
+    ax.hist(r, bins=80, range=(r_lo, r_hi) if r_hi > r_lo else None, color="C0", alpha=0.8,
             label=f"mean {r.mean():.2f} GeV\nstd {r.std():.2f} GeV\nn = {r.size}")
     ax.axvline(0.0, color="red", lw=1, ls="--")
     ax.set(xlabel="predicted - true mass [GeV]", ylabel="rows", title=f"residuals{suffix}")
