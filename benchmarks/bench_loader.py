@@ -7,8 +7,10 @@ Usage:
 One run measures, on the same file and the same shuffled batches of the train split (batch 256):
   ours      H5Images + make_loader (workers 0 and 2; also with flips, and the DataLoader's other batch path)
   h5py      h5py fancy indexing of each batch (indices sorted per batch, as h5py requires), one open file
-  in-RAM    the whole /images loaded into a torch float16 tensor, indexed per batch (torch index on dim 0)
-Each method makes `passes` passes over the split; the best pass and the median are printed. The file is built
+  in-RAM    the whole /images loaded into a torch float16 tensor, indexed per batch (index_select with the
+            default threads and with 1 thread, and ram[idx]; the fastest is the reference)
+Methods run round-robin, `passes` times each, so a change in the machine's load hits all of them alike; the best
+pass and the median are printed (the best is the least disturbed by other users). The file is built
 in the layout directly with h5py from random sparse float16 data, then read once in full, so it is in the page
 cache for all three (dropping the cache needs root): this measures the CPU cost of each path, not the disk.
 """
@@ -36,6 +38,8 @@ S = layout.IMAGE_SIZE
 H5PY = "h5py fancy indexing (sorted per batch)"
 RAM = "in-RAM torch tensor, index_select per batch"
 RAM1 = "in-RAM torch tensor, index_select, 1 thread"
+RAMI = "in-RAM torch tensor, ram[idx]"
+RAMS = (RAM, RAM1, RAMI)  # the in-RAM reference is the fastest of these
 
 
 @dataclass
@@ -108,7 +112,7 @@ def warm_page_cache(path: str) -> None:
 
 
 def batches_of(ds: H5Images, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """The shuffled batches (split positions, sorted within each batch) that make_loader yields for this epoch."""
+    """The shuffled batches (split positions, sorted in each batch) that make_loader yields for this epoch."""
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(epoch_seed(seed, epoch))).numpy()
     return [np.sort(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
 
@@ -151,21 +155,23 @@ def run_bench(config: BenchConfig, path: str) -> dict:
         lambda p, w=w: make_loader(ds, batch_size=b, shuffle=True, seed=seed, workers=w, epoch=p))
         for w in config.workers}
     methods.update({
-        "ours + flips, workers=0": lambda p: make_loader(flipping, batch_size=b, shuffle=True, seed=seed, epoch=p),
+        "ours + flips, workers=0": lambda p: make_loader(flipping, batch_size=b, shuffle=True, seed=seed,
+                                                         epoch=p),
         # The DataLoader's other whole-batch path: auto-collation off, a batch sampler as the sampler, so each
         # fetch is dataset[list_of_indices] followed by default_convert.
-        "ours, batch_size=None + batch sampler, workers=0": lambda p: DataLoader(ds, batch_size=None, sampler=(
-            SortedBatchSampler(RandomSampler(ds, generator=torch.Generator().manual_seed(epoch_seed(seed, p))),
-                               b, False))),
-        "ours: __getitems__ alone (no DataLoader)": lambda p: (ds.__getitems__(i) for i in batches_of(ds, b, seed, p)),
-        H5PY: lambda p: ({"images": torch.from_numpy(dset[ds.rows[i]])}  # sorted: h5py needs increasing indices
-                         for i in batches_of(ds, b, seed, p)),
-        # index_select copies whole rows; with 2 threads on a busy 2-core machine it can lose to 1 thread,
-        # so both are measured and the faster is the in-RAM reference. ram[idx] (element-wise advanced
-        # indexing kernel) is shown for reference.
+        "ours, batch_size=None + batch sampler, workers=0": lambda p: DataLoader(
+            ds, batch_size=None, sampler=SortedBatchSampler(
+                RandomSampler(ds, generator=torch.Generator().manual_seed(epoch_seed(seed, p))), b, False)),
+        "ours: __getitems__ alone (no DataLoader)": lambda p: (
+            ds.__getitems__(i) for i in batches_of(ds, b, seed, p)),
+        H5PY: lambda p: (  # batches are sorted: h5py needs increasing indices
+            {"images": torch.from_numpy(dset[ds.rows[i]])} for i in batches_of(ds, b, seed, p)),
+        # Three torch ways to gather rows; the fastest in each run is the in-RAM reference. index_select
+        # copies whole rows but with 2 threads on a busy 2-core machine can lose to 1 thread; ram[idx] goes
+        # through the element-wise advanced-indexing kernel.
         RAM: lambda p: in_ram(p, lambda r: torch.index_select(ram, 0, r)),
         RAM1: one_thread_select,
-        "in-RAM torch tensor, ram[idx]": lambda p: in_ram(p, lambda r: ram[r]),
+        RAMI: lambda p: in_ram(p, lambda r: ram[r]),
     })
     rates: dict[str, list] = {name: [] for name in methods}
     firsts: dict[str, list] = {name: [] for name in methods}
@@ -182,7 +188,7 @@ def run_bench(config: BenchConfig, path: str) -> dict:
 
 
 def bench(config: BenchConfig) -> dict:
-    """Build (or reuse) the file, warm the page cache, run every method; returns config, file facts, results."""
+    """Build (or reuse) the file, warm the page cache, run every method; return config, facts, results."""
     tmpdir = None
     path = config.file
     if path is None:
@@ -195,9 +201,11 @@ def bench(config: BenchConfig) -> dict:
             print(f"built {path} ({os.path.getsize(path) / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s",
                   file=sys.stderr)
         warm_page_cache(path)
+        load_before = os.getloadavg()[0]
         results = run_bench(config, path)
         return {"config": asdict(config), "file_bytes": os.path.getsize(path), "torch": torch.__version__,
-                "cpus": os.cpu_count(), "results": results}
+                "cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg()[0],
+                "results": results}
     finally:
         if tmpdir is not None:
             tmpdir.cleanup()
@@ -205,17 +213,18 @@ def bench(config: BenchConfig) -> dict:
 
 def report(out: dict) -> str:
     res = out["results"]
-    h5, ram = res[H5PY]["best"], max(res[RAM]["best"], res[RAM1]["best"])
+    h5, ram = res[H5PY]["best"], max(res[k]["best"] for k in RAMS)
     c = out["config"]
-    lines = [f"{c['rows']} rows x {c['channels']} channels float16 ({out['file_bytes'] / 1e9:.2f} GB, in page "
-             f"cache), train split, batch {c['batch_size']}, {c['passes']} passes, torch {out['torch']}, "
-             f"{out['cpus']} CPUs, {c['threads']} torch threads",
+    lines = [f"{c['rows']} rows x {c['channels']} channels float16 ({out['file_bytes'] / 1e9:.2f} GB, in "
+             f"page cache), train split, batch {c['batch_size']}, {c['passes']} passes",
+             f"torch {out['torch']}, {out['cpus']} CPUs, {c['threads']} torch threads, load average "
+             f"{out['load_before']:.1f} before, {out['load_after']:.1f} after (other users of the machine)",
              f"{'method':52s} {'best/s':>9s} {'median/s':>9s} {'x h5py':>7s} {'x RAM':>6s} {'1st batch':>9s}"]
     for name, r in res.items():
-        lines.append(f"{name:52s} {r['best']:9.0f} {r['median']:9.0f} {r['best'] / h5:7.2f} {r['best'] / ram:6.2f}"
-                     f" {r['first_batch_s'] * 1e3:7.0f}ms")
-    lines.append("x RAM is against the faster of the two index_select lines; 1st batch: median seconds until the "
-                 "first batch of a pass (worker start-up)")
+        lines.append(f"{name:52s} {r['best']:9.0f} {r['median']:9.0f} {r['best'] / h5:7.2f} "
+                     f"{r['best'] / ram:6.2f} {r['first_batch_s'] * 1e3:7.0f}ms")
+    lines.append("x RAM: against the fastest in-RAM line; 1st batch: median time until the first batch "
+                 "of a pass (worker start-up)")
     return "\n".join(lines)
 
 
@@ -223,9 +232,9 @@ def report(out: dict) -> str:
 @click.option("--rows", default=BenchConfig.rows, show_default=True, help="rows in the generated file")
 @click.option("--channels", default=BenchConfig.channels, show_default=True)
 @click.option("--batch-size", default=BenchConfig.batch_size, show_default=True)
-@click.option("--passes", default=BenchConfig.passes, show_default=True, help="passes over the split per method")
+@click.option("--passes", default=BenchConfig.passes, show_default=True, help="passes per method")
 @click.option("--workers", default="0,2", show_default=True, help="DataLoader worker counts to measure")
-@click.option("--file", "file", default=None, help="reuse (or build and keep) this file instead of a temporary one")
+@click.option("--file", "file", default=None, help="reuse (or build and keep) this file, not a temporary one")
 @click.option("--json", "json_path", default=None, help="also write the results and config as JSON here")
 @click.option("--seed", default=BenchConfig.seed, show_default=True)
 def main(rows, channels, batch_size, passes, workers, file, json_path, seed):

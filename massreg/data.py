@@ -12,9 +12,11 @@ Design (why it is fast and safe with DataLoader workers):
   no h5py handle is kept open after __init__, and the memmaps are opened lazily once per process (a forked
   worker re-opens its own; pickling drops them), so a dataset pickles to metadata plus the small label arrays.
 - A batch is one `__getitems__` call: indices are sorted (sequential reads), grouped by file, read with one
-  fancy index per file, then put back in the requested order (make_loader hands over batches already sorted,
-  so the read goes straight into the batch tensor; in a worker that tensor lives in shared memory). Images stay float16 on the host; conversion to
-  float32 and normalisation happen on the device (`Normalizer`), which halves host memory traffic.
+  fancy index per file, then put back in the requested order. make_loader hands over batches already sorted,
+  so the read goes straight into the batch tensor: in a worker one in shared memory (no copy to hand it
+  over), in the main process a reused one (a fresh 32 MB array costs more in page faults than the copy).
+- Images stay float16 on the host; conversion to float32 and normalisation happen on the device
+  (`Normalizer`), which halves host memory traffic and the host-to-device copy.
 - Flips are a pure function of (seed, epoch, global row), so resumed runs and any number of workers agree.
 """
 from __future__ import annotations
@@ -25,7 +27,6 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import h5py
@@ -79,11 +80,15 @@ def flip_masks(seed: int, epoch: int, rows: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def _flip(images: np.ndarray, eta: np.ndarray, phi: np.ndarray) -> None:
-    """Flip in place images (B, C, H, W) in eta (H axis) where eta (B,) and in phi (W axis) where phi (B,)."""
-    if eta.any():
-        images[eta] = images[eta][:, :, ::-1, :]
-    if phi.any():
-        images[phi] = images[phi][:, :, :, ::-1]
+    """Flip in place images (B, C, H, W) in eta (H axis) where eta (B,) and in phi (W axis) where phi (B,).
+
+    Three disjoint groups (eta only, phi only, both), so each image is rewritten at most once: about 30%
+    faster than flipping eta and then phi.
+    """
+    for sel, view in ((eta & ~phi, np.s_[:, :, ::-1, :]), (phi & ~eta, np.s_[:, :, :, ::-1]),
+                      (eta & phi, np.s_[:, :, ::-1, ::-1])):
+        if sel.any():
+            images[sel] = images[sel][view]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -112,8 +117,7 @@ def _names(value) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in np.atleast_1d(value)]
 
 
-def _read_file(path: str, split: str | None, aux: Sequence[str]) -> tuple[_FileMeta, list[str], dict, np.ndarray,
-                                                                         np.ndarray, np.ndarray]:
+def _read_file(path: str, split: str | None, aux: Sequence[str]) -> tuple:
     """Validate one file and read its small parts: (meta, channels, stats, local rows, m (n,), aux (n, K))."""
     if not os.path.isfile(path):
         raise LayoutError(f"{path}: no such file")
@@ -139,19 +143,21 @@ def _read_file(path: str, split: str | None, aux: Sequence[str]) -> tuple[_FileM
             raise LayoutError(f"{path}: /images has shape {shape}, expected (N, C, {layout.IMAGE_SIZE}, "
                               f"{layout.IMAGE_SIZE}); {_FIX}")
         if dset.dtype != np.dtype("<f2"):
-            raise LayoutError(f"{path}: /images has dtype {dset.dtype}, expected little-endian float16; {_FIX}")
+            raise LayoutError(f"{path}: /images has dtype {dset.dtype}, expected little-endian float16; "
+                              f"{_FIX}")
         if dset.chunks is not None or dset.compression is not None:
-            raise LayoutError(f"{path}: /images is chunked (chunks={dset.chunks}, compression={dset.compression})"
-                              f" and cannot be memory-mapped; {_FIX} (it writes contiguous, unfiltered images)")
+            raise LayoutError(f"{path}: /images is chunked (chunks={dset.chunks}, compression="
+                              f"{dset.compression}) and cannot be memory-mapped; {_FIX} (it writes "
+                              f"contiguous, unfiltered images)")
         offset = dset.id.get_offset()
         if offset is None and shape[0] > 0:
-            raise LayoutError(f"{path}: /images has no contiguous storage in the file (unallocated or external)"
-                              f" and cannot be memory-mapped; {_FIX}")
+            raise LayoutError(f"{path}: /images has no contiguous storage in the file (unallocated or "
+                              f"external) and cannot be memory-mapped; {_FIX}")
         size = os.path.getsize(path)
         nbytes = int(np.prod(shape)) * 2
         if shape[0] > 0 and offset + nbytes > size:
-            raise LayoutError(f"{path}: file is truncated ({size} bytes, /images ends at byte {offset + nbytes});"
-                              f" {_FIX}")
+            raise LayoutError(f"{path}: file is truncated ({size} bytes, /images ends at byte "
+                              f"{offset + nbytes}); {_FIX}")
         channels = _names(dset.attrs["channels"] if "channels" in dset.attrs else f.attrs.get("channels", []))
         if len(channels) != shape[1]:
             raise LayoutError(f"{path}: /images has {shape[1]} channels but {len(channels)} channel names "
@@ -232,7 +238,7 @@ class H5Images(Dataset):
         self._stats = stats[0] if len(stats) == 1 else layout.combine_stats(stats)
         self._maps: list[np.ndarray] | None = None  # opened lazily, once per process (see _images)
         self._pid: int | None = None
-        self._pool: list[np.ndarray] = []  # batch arrays of this process, reused once released (_batch_images)
+        self._pool: list[np.ndarray] = []  # this process's batch arrays, reused once released (_batch_images)
 
     # -- metadata --------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -299,8 +305,10 @@ class H5Images(Dataset):
     def _images(self) -> list[np.ndarray]:
         """The (N, C, 125, 125) float16 memmap of each file, opened on first use in this process."""
         if self._maps is None or self._pid != os.getpid():  # a forked worker opens its own
+            # .view(np.ndarray): a plain array over the mapping (fancy reads give plain arrays, not memmaps)
             self._maps = [np.memmap(f.path, mode="r", dtype=f.dtype, offset=f.offset, shape=f.shape)
-                          .view(np.ndarray) if f.shape[0] else np.zeros(f.shape, np.float16) for f in self._files]
+                          .view(np.ndarray) if f.shape[0] else np.zeros(f.shape, np.float16)
+                          for f in self._files]
             self._pid, self._pool = os.getpid(), []
         return self._maps
 
@@ -313,11 +321,13 @@ class H5Images(Dataset):
         (benchmarks/bench_loader.py), so arrays that no batch references any more are reused. A pooled array
         is handed out only while nothing else holds it: every tensor made from it by torch.from_numpy (and
         every view of such a tensor) keeps a reference to it, so its reference count says whether it is free.
+        (So one dataset must not be read from several threads at once; DataLoader never does that.)
         """
         if get_worker_info() is not None and math.prod(shape):
             storage = torch.UntypedStorage._new_shared(math.prod(shape) * 2)  # 2 bytes per float16
             return torch.empty(0, dtype=torch.float16).set_(storage, 0, shape)
-        free = [i for i in range(len(self._pool)) if sys.getrefcount(self._pool[i]) == 2]  # refs: list, argument
+        # free: referenced only by the pool's list and getrefcount's own argument
+        free = [i for i in range(len(self._pool)) if sys.getrefcount(self._pool[i]) == 2]
         for i in free:
             a = self._pool[i]
             if a.shape[1:] == shape[1:] and a.shape[0] >= shape[0]:
@@ -331,7 +341,7 @@ class H5Images(Dataset):
 
     # -- reading ---------------------------------------------------------------------------------------
     def __getitems__(self, indices) -> dict:
-        """A whole batch: one sorted fancy read per file, returned in the order of `indices` (duplicates ok)."""
+        """A whole batch: one sorted fancy read per file, in the order of `indices` (duplicates allowed)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)  # (B,)
         n = len(self)
         if idx.size and (idx.min() < -n or idx.max() >= n):
@@ -340,8 +350,8 @@ class H5Images(Dataset):
         c = self._files[0].shape[1]
         maps = self._images()                                  # first, so a new process also gets a new pool
         out = self._batch_images((idx.size, c, layout.IMAGE_SIZE, layout.IMAGE_SIZE))  # (B, C, H, W) float16
-        # make_loader's batches arrive sorted and distinct: read straight into `out`. Otherwise read the sorted
-        # distinct positions into a scratch buffer and gather them back into the requested order.
+        # make_loader's batches arrive sorted and distinct: read straight into `out`. Otherwise read the
+        # sorted distinct positions into a scratch buffer and gather them back into the requested order.
         direct = bool(np.all(idx[1:] > idx[:-1]))
         uniq, inverse = (idx, None) if direct else np.unique(idx, return_inverse=True)  # (U,), (B,)
         dst = out.numpy() if direct else np.empty((uniq.size,) + tuple(out.shape[1:]), dtype=np.float16)
@@ -434,7 +444,8 @@ class Normalizer(torch.nn.Module):
 
     mode "stats": mean/std are the train-split channel_mean/channel_std of the file (a channel with std 0
     gets std 1). mode "reference": mean 0, std 1/reference_scale (the fixed scales of the stronger public
-    submissions, stored in the file), dz and d0 clipped to +-1. State lives in buffers, so .to(device) moves it.
+    submissions, stored in the file), dz and d0 clipped to +-1. State lives in buffers, so .to(device) moves
+    it.
     """
 
     def __init__(self, mean, std, clip=None, *, mode: str = "stats", channels: Sequence[str] = ()):
@@ -454,8 +465,9 @@ class Normalizer(torch.nn.Module):
         self._clipped = bool(torch.isfinite(clip).any())  # decided here, not per batch (no device sync)
 
     @classmethod
-    def from_stats(cls, stats: dict, mode: str = "stats", channels: Sequence[str] | None = None) -> "Normalizer":
-        """From a file's /stats (H5Images.stats); `channels` are the stored channel names (H5Images.channels)."""
+    def from_stats(cls, stats: dict, mode: str = "stats",
+                   channels: Sequence[str] | None = None) -> "Normalizer":
+        """From a file's /stats (H5Images.stats); `channels`: the stored channel names (H5Images.channels)."""
         if mode == "stats":
             mean = np.asarray(stats["channel_mean"], dtype=np.float64)
             std = np.asarray(stats["channel_std"], dtype=np.float64)

@@ -26,7 +26,8 @@ def make_rows(rng, n, c=len(CHANNELS)):
     x = rng.standard_normal((n, c, S, S)).astype(np.float32) * 3
     x[rng.random(x.shape) < 0.9] = 0
     labels = {"m": rng.uniform(85, 500, n), "pt": rng.uniform(400, 1000, n),
-              "ieta": rng.integers(12, 44, n).astype(np.float64), "iphi": rng.integers(0, 72, n).astype(np.float64),
+              "ieta": rng.integers(12, 44, n).astype(np.float64),
+              "iphi": rng.integers(0, 72, n).astype(np.float64),
               "source_row": np.arange(n, dtype=np.int64)}
     codes = rng.choice(3, size=n, p=[0.6, 0.2, 0.2])
     splits = {s: np.flatnonzero(codes == i).astype(np.int64) for i, s in enumerate(layout.SPLITS)}
@@ -55,7 +56,8 @@ def write_file(path, images, labels, splits, channels=CHANNELS, *, chunks=None, 
         count = np.full(images.shape[1], train.shape[0] * S * S, dtype=np.float64)
         total, sumsq = train.sum(axis=(0, 2, 3)), (train ** 2).sum(axis=(0, 2, 3))
         mean, std = layout.finish_stats(count, total, sumsq)
-        for k, v in dict(count=count, sum=total, sumsq=sumsq, mean=mean, std=std, max=train.max(axis=(0, 2, 3))).items():
+        cmax = train.max(axis=(0, 2, 3))
+        for k, v in dict(count=count, sum=total, sumsq=sumsq, mean=mean, std=std, max=cmax).items():
             st[f"channel_{k}"] = v
         st["reference_scale"] = np.array([layout.REFERENCE_SCALES[c] for c in channels])
         for name in LABELS:
@@ -87,7 +89,8 @@ def oracle(paths, parts, split, positions, aux=()):
             imgs.append(f["images"][r])
             ms.append(f["labels/m"][r])
             auxs.append([f[f"labels/{a}"][r] for a in aux])
-    return np.stack(imgs), np.array(ms, np.float32), np.array(auxs, np.float32).reshape(len(positions), len(aux))
+    auxs = np.array(auxs, np.float32).reshape(len(positions), len(aux))
+    return np.stack(imgs), np.array(ms, np.float32), auxs
 
 
 def bits(t):
@@ -117,7 +120,8 @@ def test_batches_equal_h5py_across_two_files(two_files, split):
     np.testing.assert_array_equal(batch["aux"].numpy(), aux)
     np.testing.assert_array_equal(batch["index"].numpy(), idx)
     run = np.unique(idx)                         # sorted and distinct: the direct path make_loader uses
-    np.testing.assert_array_equal(bits(ds.__getitems__(run)["images"].numpy()), bits(oracle(paths, parts, split, run)[0]))
+    want = oracle(paths, parts, split, run)[0]
+    np.testing.assert_array_equal(bits(ds.__getitems__(run)["images"]), bits(want))
     one = ds[int(idx[5])]
     np.testing.assert_array_equal(bits(one["images"].numpy()), bits(img[5]))
     assert one["m"].item() == m[5] and one["index"].item() == idx[5]
@@ -166,7 +170,7 @@ def test_reused_batch_memory_never_overwrites_a_held_batch(two_files):
     idx = np.arange(6)
     again = ds.__getitems__(idx)["images"]
     assert again.data_ptr() in ptrs  # released arrays are reused...
-    np.testing.assert_array_equal(bits(again.numpy()), bits(oracle(paths, parts, None, idx)[0]))  # ...and refilled
+    np.testing.assert_array_equal(bits(again), bits(oracle(paths, parts, None, idx)[0]))  # ...and refilled
 
 
 def test_combined_stats_equal_numpy_over_concatenated_train_rows(two_files):
@@ -261,7 +265,8 @@ def test_workers_yield_the_same_batches(two_files, context, workers):
     for k in ref:
         np.testing.assert_array_equal(ref[k].numpy(), got[k].numpy())
     assert sorted(ref["index"].tolist()) == list(range(len(ds)))  # each row once per epoch
-    assert all(np.all(np.diff(b["index"].numpy()) > 0) for b in make_loader(ds, batch_size=4, shuffle=True, seed=3))
+    assert all(np.all(np.diff(b["index"].numpy()) > 0)  # batches come sorted
+               for b in make_loader(ds, batch_size=4, shuffle=True, seed=3))
 
 
 def test_shuffle_is_seeded_per_epoch_and_sampler_is_honoured(two_files):
@@ -273,12 +278,13 @@ def test_shuffle_is_seeded_per_epoch_and_sampler_is_honoured(two_files):
     assert order(shuffle=True, seed=1, epoch=0) != order(shuffle=True, seed=2, epoch=0)
     assert order(shuffle=False, seed=1) == list(range(len(ds)))
     assert len(list(make_loader(ds, batch_size=5, shuffle=False, seed=0, drop_last=True))) == len(ds) // 5
-    ranks = [order(shuffle=False, seed=0, epoch=3, sampler=DistributedSampler(ds, num_replicas=2, rank=r, seed=0))
-             for r in range(2)]
+    ranks = [order(shuffle=False, seed=0, epoch=3,
+                   sampler=DistributedSampler(ds, num_replicas=2, rank=r, seed=0)) for r in range(2)]
     assert sorted(ranks[0] + ranks[1])[: len(ds)] == sorted(set(ranks[0] + ranks[1])) == list(range(len(ds)))
     sub = torch.utils.data.Subset(ds, range(7))
-    assert [i for b in make_loader(sub, batch_size=5, shuffle=False, seed=0, epoch=9) for i in b["index"].tolist()] \
-        == list(range(7)) and ds.epoch == 9  # the flips of a Subset's dataset follow the epoch too
+    got = [i for b in make_loader(sub, batch_size=5, shuffle=False, seed=0, epoch=9)
+           for i in b["index"].tolist()]
+    assert got == list(range(7)) and ds.epoch == 9  # the flips of a Subset's dataset follow the epoch too
     with pytest.raises(ValueError, match="shuffle=False"):
         make_loader(ds, batch_size=5, shuffle=True, seed=0, sampler=DistributedSampler(ds, 2, 0))
 
