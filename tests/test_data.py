@@ -353,3 +353,34 @@ def test_target_and_aux_scalers(two_files):
     want = (raw.numpy() - [st["pt_mean"], st["ieta_mean"]]) / [st["pt_std"], st["ieta_std"]]
     np.testing.assert_allclose(a.encode(raw).numpy(), want, rtol=1e-5)
     assert AuxScaler.from_stats(st, ()).encode(torch.zeros(3, 0)).shape == (3, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the converter's real output: three shards read together are the single conversion
+
+
+def test_converter_shards_read_as_one_data_set(tmp_path):
+    synth = pytest.importorskip("pipeline.synth")
+    convert = pytest.importorskip("pipeline.convert")
+    raw = tmp_path / "raw"
+    synth.generate(raw, synth.SynthConfig(process="top", rows=12, files=2, seed=3))
+
+    def run(out, shard=None):
+        convert.convert(convert.ConvertConfig(
+            inputs=[str(raw)], output=str(out), channels=(0, 1, 2, 3, 4), cuts="none", chunk_size=2, shard=shard,
+            val_fraction=0.25, test_fraction=0.25, progress=False))
+    run(tmp_path / "one.h5")
+    shards = [tmp_path / f"part{i}.h5" for i in (1, 2, 3)]
+    for i, path in enumerate(shards, 1):
+        run(path, f"{i}/3")
+    for split in ("train", "val", "test", None):
+        one, parts = H5Images(tmp_path / "one.h5", split, aux=("pt",)), H5Images(shards, split, aux=("pt",))
+        assert len(one) == len(parts) > 0
+        a, b = one.__getitems__(np.arange(len(one))), parts.__getitems__(np.arange(len(parts)))
+        np.testing.assert_array_equal(bits(a["images"]), bits(b["images"]))
+        np.testing.assert_array_equal(a["m"].numpy(), b["m"].numpy())
+        np.testing.assert_array_equal(a["aux"].numpy(), b["aux"].numpy())
+    st1, st3 = H5Images(tmp_path / "one.h5").stats, H5Images(shards).stats
+    for key in ("channel_mean", "channel_std", "channel_max", "m_mean", "m_std", "pt_mean", "n_train"):
+        np.testing.assert_allclose(st3[key], st1[key], rtol=1e-12, err_msg=key)
+    assert parts.channels == one.channels == ["track_pt", "dz", "d0", "ecal", "hcal"]
