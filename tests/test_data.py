@@ -367,7 +367,8 @@ def test_converter_shards_read_as_one_data_set(tmp_path):
 
     def run(out, shard=None):
         convert.convert(convert.ConvertConfig(
-            inputs=[str(raw)], output=str(out), channels=(0, 1, 2, 3, 4), cuts="none", chunk_size=2, shard=shard,
+            inputs=[str(raw)], output=str(out), channels=(0, 1, 2, 3, 4), cuts="none", chunk_size=2,
+            shard=shard,
             val_fraction=0.25, test_fraction=0.25, progress=False))
     run(tmp_path / "one.h5")
     shards = [tmp_path / f"part{i}.h5" for i in (1, 2, 3)]
