@@ -9,7 +9,7 @@ One run measures, on the same file and the same shuffled batches of the train sp
   h5py      h5py fancy indexing of each batch (indices sorted per batch, as h5py requires), one open file
   in-RAM    the whole /images loaded into a torch float16 tensor, indexed per batch (index_select with the
             default threads and with 1 thread, and ram[idx]; the fastest is the reference)
-Methods run round-robin, `passes` times each, so a change in the machine's load hits all of them alike; the best
+Methods run round-robin (the order rotated each pass), `passes` times each, so a change in the machine's load hits all of them alike; the best
 pass and the median are printed (the best is the least disturbed by other users). The file is built
 in the layout directly with h5py from random sparse float16 data, then read once in full, so it is in the page
 cache for all three (dropping the cache needs root): this measures the CPU cost of each path, not the disk.
@@ -47,7 +47,7 @@ class BenchConfig:
     rows: int = 8000
     channels: int = 4
     batch_size: int = 256
-    passes: int = 3
+    passes: int = 5
     workers: tuple = (0, 2)
     density: float = 0.05        # fraction of non-zero pixels (real images are sparse)
     seed: int = 0
@@ -175,8 +175,10 @@ def run_bench(config: BenchConfig, path: str) -> dict:
     })
     rates: dict[str, list] = {name: [] for name in methods}
     firsts: dict[str, list] = {name: [] for name in methods}
+    names = list(methods)
     for p in range(config.passes):
-        for name, make in methods.items():
+        for name in names[p % len(names):] + names[:p % len(names)]:  # rotated: no method always goes first
+            make = methods[name]
             t0 = time.perf_counter()
             got, first = consume(make(p))
             rates[name].append(got / (time.perf_counter() - t0))
