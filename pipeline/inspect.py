@@ -1,0 +1,101 @@
+"""Show what an HDF5 file written by `pipeline.convert` holds: an `h5ls -r`-like tree, then splits and stats.
+
+Usage: python -m pipeline.inspect FILE.h5
+
+For machines without `h5ls` (the demo uses it there). Each object: its path, Group or Dataset with shape and
+dtype (plus layout for /images), and its attributes (long values shortened).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import h5py
+import numpy as np
+
+from pipeline import layout
+
+
+class InspectError(Exception):
+    """The file cannot be read as HDF5; one line."""
+
+
+def _short(value, width: int = 100) -> str:
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    text = value if isinstance(value, str) else repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _tree(f: h5py.File) -> list[str]:
+    lines = [f"{'/':24s} Group"] + [f"    @{k} = {_short(v)}" for k, v in f.attrs.items()]
+
+    def visit(name: str, obj) -> None:
+        path = "/" + name
+        if isinstance(obj, h5py.Dataset):
+            shape = "SCALAR" if obj.shape == () else ", ".join(map(str, obj.shape))
+            line = f"{path:24s} Dataset {{{shape}}} {obj.dtype}"
+            if obj.ndim == 4:
+                line += (f" contiguous={obj.chunks is None} filters={obj.id.get_create_plist().get_nfilters()}"
+                         f" offset={obj.id.get_offset()}")
+            lines.append(line)
+        else:
+            lines.append(f"{path:24s} Group")
+        lines.extend(f"    @{k} = {_short(v)}" for k, v in obj.attrs.items())
+
+    f.visititems(visit)
+    return lines
+
+
+def describe(path) -> str:
+    """The text `python -m pipeline.inspect` prints."""
+    path = Path(path)
+    if not path.is_file():
+        raise InspectError(f"{path}: no such file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise InspectError(f"{path}: not an HDF5 file ({' '.join(str(exc).split())})") from None
+    with f:
+        lines = _tree(f)
+        if "split" in f:
+            lines.append("")
+            lines.append("splits: " + ", ".join(f"{s}: {f['split'][s].shape[0]}" for s in layout.SPLITS
+                                                if s in f["split"]))
+        if "stats" in f and "images" in f:
+            stats = {k: v[()] for k, v in f["stats"].items()}
+            names = [str(n) for n in f["images"].attrs.get("channels", [])]
+            lines.append(f"stats over {int(stats.get('n_train', 0))} train rows:")
+            lines.append(f"  {'channel':10s} {'channel_mean':>14s} {'channel_std':>14s} {'channel_max':>14s} "
+                         f"{'reference_scale':>16s}")
+            for i, name in enumerate(names):
+                row = [stats.get(k, np.full(len(names), np.nan))[i]
+                       for k in ("channel_mean", "channel_std", "channel_max", "reference_scale")]
+                lines.append(f"  {name:10s} {row[0]:14.6g} {row[1]:14.6g} {row[2]:14.6g} {row[3]:16.6g}")
+            labels = sorted(k[: -len("_mean")] for k in stats if k.endswith("_mean") and k != "channel_mean")
+            for label in labels:
+                lines.append(f"  {label:10s} mean {stats[label + '_mean']:.6g}  std {stats[label + '_std']:.6g}  "
+                             f"min {stats.get(label + '_min', np.nan):.6g}  max {stats.get(label + '_max', np.nan):.6g}")
+        if "source_files" in f.attrs:
+            files = json.loads(f.attrs["source_files"])
+            lines.append("sources: " + ", ".join(f"{e['name']} ({e['rows_kept']}/{e['rows_read']} rows kept)"
+                                                 for e in files))
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("path", metavar="FILE.h5")
+def main(path):
+    """Print the tree (path, shape, dtype, attributes), split sizes and statistics of FILE.h5."""
+    try:
+        click.echo(describe(path))
+    except InspectError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+if __name__ == "__main__":
+    main()
