@@ -505,3 +505,19 @@ def test_channel_max_counts_the_unlisted_zeros(tmp_path):
     with h5py.File(tmp_path / "o.h5") as f:
         assert f["stats/channel_max"][0] == 0.0 and f["stats/n_train"][()] == 4
         assert f["stats/channel_sum"][0] == images[:, 1].astype(np.float16).astype(np.float64).sum() < 0
+
+
+def test_generated_top_files_convert_to_their_pyarrow_decoded_rows(tmp_path):
+    """On pipeline.synth's real-schema files, against pyarrow's own decoding to Python lists."""
+    synth = pytest.importorskip("pipeline.synth")
+    paths = synth.generate(tmp_path / "raw", synth.SynthConfig(process="top", rows=5, files=2, seed=3, chunk_rows=5))
+    out = tmp_path / "top.h5"
+    summary = convert(ConvertConfig([str(tmp_path / "raw")], str(out), cuts="top", channels=tuple(range(8)),
+                                    progress=False))
+    assert summary.rows_kept == 10 and summary.skipped_cuts == []
+    decoded = np.concatenate([np.array(pq.read_table(p).column("X_jet").to_pylist(), dtype=np.float64)
+                              for p in paths])                                   # (10, 8, 125, 125)
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["images"][()].view(np.uint16), f16_bits(decoded))
+        np.testing.assert_array_equal(f["labels/m"][()], np.concatenate([pq.read_table(p).column("m").to_numpy()
+                                                                         for p in paths]))
