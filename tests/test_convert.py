@@ -521,3 +521,16 @@ def test_generated_top_files_convert_to_their_pyarrow_decoded_rows(tmp_path):
         np.testing.assert_array_equal(f["images"][()].view(np.uint16), f16_bits(decoded))
         np.testing.assert_array_equal(f["labels/m"][()], np.concatenate([pq.read_table(p).column("m").to_numpy()
                                                                          for p in paths]))
+
+
+def test_first_alias_wins_wherever_it_sits(tmp_path):
+    images, s = make_rows(3, seed=11)
+    table = pa.table({"am": s["m"] + 100, "X_jet": nested(images), "m": s["m"], "pt": s["pt"], "note": ["a"] * 3})
+    pq.write_table(table, tmp_path / "x.parquet", row_group_size=1)
+    summary = convert(ConvertConfig([str(tmp_path / "x.parquet")], str(tmp_path / "o.h5"), cuts="none",
+                                    progress=False))
+    assert summary.columns_used == {"image": "X_jet", "m": "m", "pt": "pt"}
+    with h5py.File(tmp_path / "o.h5") as f:
+        np.testing.assert_array_equal(f["labels/m"][()], s["m"])
+        assert sorted(f["labels"]) == ["m", "pt", "source_file", "source_row"]
+        assert json.loads(f.attrs["source_files"])[0]["ignored"] == ["am", "note"]
