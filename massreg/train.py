@@ -155,7 +155,10 @@ def validate(c: TrainConfig) -> None:
 # ---------------------------------------------------------------- small helpers around the loop
 
 def lr_at(c: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Learning rate of optimizer step `step` (0-based)."""
+    """Learning rate at schedule position `step` = epoch * steps_per_epoch + batch in epoch (0-based).
+
+    The position is counted from completed epochs, not from optimizer steps taken, so a run resumed with
+    another number of processes (another steps_per_epoch) continues the same curve over epochs."""
     if c.schedule == "constant":
         return c.lr
     if c.schedule == "exponential":  # torch's ExponentialLR stepped once at the end of every epoch
@@ -328,8 +331,8 @@ def train_one_epoch(model, loader, optimizer, c: TrainConfig, *, epoch: int, ste
     total, count = 0.0, 0
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = c.grad_clip if c.grad_clip > 0 else float("inf")
-    for batch in loader:
-        lr = lr_at(c, step, steps_per_epoch)
+    for i, batch in enumerate(loader):
+        lr = lr_at(c, (epoch - 1) * steps_per_epoch + i, steps_per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         z_true = target.encode(batch["m"].to(d.device, non_blocking=True).float())   # (B,)
@@ -481,7 +484,7 @@ def train(config: TrainConfig, *, stop_after_epochs: int | None = None, echo=cli
                 "model": raw_model.state_dict(), "model_config": asdict(mcfg), "train_config": asdict(config),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": {"schedule": config.schedule, "steps_per_epoch": steps_per_epoch,
-                              "lr": lr_at(config, max(step - 1, 0), steps_per_epoch)},
+                              "lr": lr_at(config, max(epoch * steps_per_epoch - 1, 0), steps_per_epoch)},
                 "epoch": epoch, "step": step, "best": best,
                 "normalizer": normalizer.to_dict(),
                 "target": {"mean": target.mean, "std": target.std},
@@ -523,7 +526,8 @@ def train(config: TrainConfig, *, stop_after_epochs: int | None = None, echo=cli
                 dist.all_reduce(sums)
                 train_loss, n_seen = (sums[0] / sums[1]).item(), int(sums[1].item())
             epoch += 1
-            row = {"epoch": epoch, "train_loss": train_loss, "lr": lr_at(config, step - 1, steps_per_epoch),
+            row = {"epoch": epoch, "train_loss": train_loss,
+                   "lr": lr_at(config, epoch * steps_per_epoch - 1, steps_per_epoch),  # the epoch's last
                    "seconds": round(seconds, 3), "samples_per_s": round(n_seen / seconds, 2)}
             marks = ""
             if epoch % config.eval_every == 0 or epoch == config.epochs:
@@ -640,7 +644,10 @@ def main(ctx, data, recipe, **_):
              if n not in ("data", "recipe") and ctx.get_parameter_source(n) in
              (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
     try:
-        train(build_config(recipe, data=data, **typed))
+        config = build_config(recipe, data=data, **typed)
+        if config.resume and ctx.get_parameter_source("recipe") == ParameterSource.COMMANDLINE:
+            config = replace(config, overrides=(*config.overrides, "recipe"))  # checked against the run's
+        train(config)
     except (ConfigError, TrainingError, ck.CheckpointError, LayoutError) as exc:
         raise click.ClickException(str(exc)) from None
 
