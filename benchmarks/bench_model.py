@@ -3,9 +3,11 @@
     python benchmarks/bench_model.py [--presets seed,small] [--steps 10] [--device cuda --bf16 --compile]
 
 One training step = forward + backward + Adam step, MSE on random targets, on random images (B, C, 125, 125).
-Both models get the same configuration (the preset's) and optimiser. After a few warm-up steps the two are timed
-in alternating rounds (who goes first alternates too), so that the load of a shared machine falls on both alike;
-the table gives each model's median samples/s and the median over rounds of the paired ratio ours / reference.
+Both models get the same configuration (the preset's) and optimiser. After a few warm-up steps the two are
+timed in alternating rounds (who goes first alternates too), so that the load of a shared machine falls on
+both alike; the table gives each model's median samples/s and the median over rounds of the paired ratio
+ours / reference. On the CPU it also gives that ratio in process CPU time, which a busy shared machine
+disturbs less than wall-clock time (a descheduled process accrues none); `--threads 1` steadies it further.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class BenchConfig:
     warmup: int = 3                # untimed steps per model first (and the compilation, with --compile)
     batch_size: int = 0            # 0: DEFAULT_BATCH of the preset
     channels: int = 4
+    threads: int = 0               # torch.set_num_threads on the CPU; 0: torch's default
     seed: int = 0
     batch_sizes: dict = field(default_factory=dict)   # filled in: preset -> batch used
 
@@ -51,12 +54,15 @@ def load_reference_deepvit():
     """vit-pytorch's DeepViT class, loaded from deepvit.py by path (its __init__ imports torchvision)."""
     spec = importlib.util.find_spec("vit_pytorch")
     if spec is None:
-        raise BenchError("vit-pytorch is not installed: pip install --no-deps vit-pytorch (make setup does it)")
+        raise BenchError("vit-pytorch is not installed: pip install --no-deps vit-pytorch (as make setup)")
     path = os.path.join(list(spec.submodule_search_locations)[0], "deepvit.py")
-    module_spec = importlib.util.spec_from_file_location("vit_pytorch_deepvit_reference", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.DeepViT
+    name = "vit_pytorch_deepvit_reference"
+    if name not in sys.modules:             # registered: torch.compile re-imports a traced module by name
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+    return sys.modules[name].DeepViT
 
 
 class ReferenceRegressor(torch.nn.Module):
@@ -64,8 +70,8 @@ class ReferenceRegressor(torch.nn.Module):
 
     def __init__(self, cfg: dict):
         super().__init__()
-        keep = ("image_size", "patch_size", "channels", "dim", "depth", "heads", "dim_head", "mlp_dim", "dropout",
-                "emb_dropout")
+        keep = ("image_size", "patch_size", "channels", "dim", "depth", "heads", "dim_head", "mlp_dim",
+                "dropout", "emb_dropout")
         self.net = load_reference_deepvit()(num_classes=1, **{k: cfg[k] for k in keep})
 
     def forward(self, img):
@@ -78,7 +84,7 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_preset(preset: str, config: BenchConfig) -> dict:
-    """Time training steps of both models for one preset; returns medians, ratio and the raw per-round numbers."""
+    """Time training steps of both models at one preset: medians, ratio and the raw per-round numbers."""
     device = torch.device(config.device)
     batch = config.batch_size or DEFAULT_BATCH.get(preset, 32)
     round_steps = config.round_steps or (10 if device.type == "cuda" else 1)
@@ -109,22 +115,28 @@ def bench_preset(preset: str, config: BenchConfig) -> dict:
             steps[name]()
     _sync(device)
 
-    rates = {name: [] for name in models}                 # samples/s per round
+    rates = {name: [] for name in models}                 # samples/s per round, wall clock
+    cpu_rates = {name: [] for name in models}             # samples per CPU-second of this process
     order = list(models)
     for r in range(rounds):
         for name in (order if r % 2 == 0 else order[::-1]):
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(round_steps):
                 steps[name]()
             _sync(device)
             rates[name].append(batch * round_steps / (time.perf_counter() - t0))
+            cpu_rates[name].append(batch * round_steps / max(time.process_time() - c0, 1e-9))
     ratios = [a / b for a, b in zip(rates["massreg"], rates["reference"])]
+    cpu_ratios = [a / b for a, b in zip(cpu_rates["massreg"], cpu_rates["reference"])]
     return {"preset": preset, "batch": batch, "params": params["massreg"],
-            "params_equal": params["massreg"] == params["reference"], "rounds": rounds, "round_steps": round_steps,
+            "params_equal": params["massreg"] == params["reference"], "rounds": rounds,
+            "round_steps": round_steps,
             "reference_samples_s": statistics.median(rates["reference"]),
             "massreg_samples_s": statistics.median(rates["massreg"]),
-            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios), "raw": rates}
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "cpu_time_ratio": statistics.median(cpu_ratios) if device.type == "cpu" else None,
+            "raw": rates, "raw_cpu": cpu_rates}
 
 
 def run_bench(config: BenchConfig) -> list[dict]:
@@ -138,8 +150,10 @@ def run_bench(config: BenchConfig) -> list[dict]:
         raise BenchError("--device cuda but torch sees no CUDA device; run with --device cpu")
     if config.bf16 and config.device != "cuda":
         raise BenchError("--bf16 needs --device cuda (bfloat16 autocast on this CPU would time emulation)")
-    if config.steps < 1 or config.warmup < 0:
-        raise BenchError("--steps must be >= 1 and --warmup >= 0")
+    if config.steps < 1 or config.warmup < 0 or config.threads < 0:
+        raise BenchError("--steps must be >= 1, --warmup and --threads >= 0")
+    if config.threads:
+        torch.set_num_threads(config.threads)
     load_reference_deepvit()
     results = []
     for preset in config.presets:
@@ -149,16 +163,20 @@ def run_bench(config: BenchConfig) -> list[dict]:
 
 
 def format_table(results: list[dict], config: BenchConfig) -> str:
-    device = torch.cuda.get_device_name() if config.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    device = (torch.cuda.get_device_name() if config.device == "cuda"
+              else f"cpu, {torch.get_num_threads()} threads")
     lines = [f"device: {device}; torch {torch.__version__}; bf16={config.bf16} compile={config.compile}",
              f"{'preset':<7} {'batch':>5} {'params':>11} {'reference/s':>12} {'massreg/s':>10} {'ratio':>6}"
-             f"  {'ratio range':>12}  rounds x steps"]
+             f"  {'ratio range':>11}  {'cpu-time ratio':>14}  rounds x steps"]
     for r in results:
         lines.append(f"{r['preset']:<7} {r['batch']:>5} {r['params']:>11,} {r['reference_samples_s']:>12.1f} "
-                     f"{r['massreg_samples_s']:>10.1f} {r['ratio']:>6.3f}  {r['ratio_min']:>5.2f}-{r['ratio_max']:<5.2f}"
+                     f"{r['massreg_samples_s']:>10.1f} {r['ratio']:>6.3f}  "
+                     f"{r['ratio_min']:>5.2f}-{r['ratio_max']:<5.2f}  "
+                     f"{'-' if r['cpu_time_ratio'] is None else format(r['cpu_time_ratio'], '.3f'):>14}"
                      f"  {r['rounds']} x {r['round_steps']}")
-    lines.append("samples/s: median over rounds of one training step (forward + backward + Adam); ratio: median "
-                 "over rounds of massreg / reference, timed back to back")
+    lines.append("samples/s: median over rounds of training steps (forward + backward + Adam);\n"
+                 "ratio: median over rounds of massreg / reference, timed back to back;\n"
+                 "cpu-time ratio: the same in samples per CPU-second of this process")
     return "\n".join(lines)
 
 
@@ -172,12 +190,13 @@ def format_table(results: list[dict], config: BenchConfig) -> str:
 @click.option("--warmup", default=3, show_default=True, help="Untimed steps per model first.")
 @click.option("--batch-size", default=0, help="Override the batch (default: seed 32, small 64, tiny 128).")
 @click.option("--channels", default=4, show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), help="Also write the results and config as JSON here.")
-def main(presets, device, bf16, compile_, steps, round_steps, warmup, batch_size, channels, out):
+@click.option("--threads", default=0, help="torch.set_num_threads (CPU); default: torch's choice.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write results and config as JSON here.")
+def main(presets, device, bf16, compile_, steps, round_steps, warmup, batch_size, channels, threads, out):
     """Training samples/s of massreg's DeepViT vs vit-pytorch's at the same configuration."""
-    config = BenchConfig(presets=tuple(p.strip() for p in presets.split(",") if p.strip()), device=device, bf16=bf16,
-                         compile=compile_, steps=steps, round_steps=round_steps, warmup=warmup,
-                         batch_size=batch_size, channels=channels)
+    config = BenchConfig(presets=tuple(p.strip() for p in presets.split(",") if p.strip()), device=device,
+                         bf16=bf16, compile=compile_, steps=steps, round_steps=round_steps, warmup=warmup,
+                         batch_size=batch_size, channels=channels, threads=threads)
     try:
         results = run_bench(config)
     except BenchError as exc:

@@ -29,7 +29,7 @@ class ModelConfig:
     def __post_init__(self):
         # The same checks as the model's asserts, as ValueError so that a CLI can report them in one line.
         if self.image_size < 1 or self.patch_size < 1 or self.image_size % self.patch_size:
-            fit = [p for p in range(1, self.image_size + 1) if self.image_size % p == 0] if self.image_size > 0 else []
+            fit = [p for p in range(1, max(self.image_size, 0) + 1) if self.image_size % p == 0]
             raise ValueError(f"patch_size {self.patch_size} must divide image_size {self.image_size}; "
                              f"choose one of {fit}")
         for name in ("channels", "dim", "depth", "heads", "dim_head", "mlp_dim"):
@@ -43,7 +43,7 @@ class ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # The original write-up's model (reference/seed-task3a-regression.md): 40,397,161 parameters with 4 channels (tested).
+    # The original write-up's model (reference/seed-task3a-regression.md): 40,397,161 parameters (4 channels).
     "seed": ModelConfig(),
     # A quarter of the width: ~3.8 M parameters; a GPU model for quick studies, a slow one on a CPU.
     "small": ModelConfig(dim=256, depth=6, heads=8, dim_head=32, mlp_dim=512),
