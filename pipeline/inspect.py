@@ -24,7 +24,7 @@ class InspectError(Exception):
 def _short(value, width: int = 100) -> str:
     if isinstance(value, bytes):
         value = value.decode(errors="replace")
-    if isinstance(value, np.ndarray):
+    if isinstance(value, (np.ndarray, np.generic)):
         value = value.tolist()
     text = value if isinstance(value, str) else repr(value)
     text = " ".join(text.split())

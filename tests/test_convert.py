@@ -447,15 +447,15 @@ def test_interrupted_conversion_leaves_no_output(tmp_path, monkeypatch):
     write_parquet(tmp_path / "x.parquet", images, s)
     out = tmp_path / "out.h5"
     out.write_bytes(b"old")
-    real, calls = C._run_chunk, []
+    real, calls = C._decode, []
 
-    def interrupted(chunk):
+    def interrupted(chunk, table):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(chunk)
+        return real(chunk, table)
 
-    monkeypatch.setattr(C, "_run_chunk", interrupted)
+    monkeypatch.setattr(C, "_decode", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert(ConvertConfig([str(tmp_path)], str(out), cuts="none", chunk_size=2, force=True, progress=False))
     assert out.read_bytes() == b"old" and leftovers(tmp_path) == ["out.h5"]
