@@ -188,7 +188,7 @@ def test_gradients_equal_vit_pytorch_deepvit():
 
 
 @pytest.mark.parametrize("mutation", ["no-reattn-norm", "no-head-mixing", "norm-over-keys"])
-def test_equivalence_check_catches_mutations(mutation, monkeypatch):
+def test_equivalence_check_catches_mutations(mutation):
     """The comparison above fails when a piece of re-attention is dropped or misplaced."""
     ref, ours = paired_models(TINY)
     ref.eval(), ours.eval()
@@ -201,7 +201,7 @@ def test_equivalence_check_catches_mutations(mutation, monkeypatch):
             with torch.no_grad():
                 attn.reattn_weights.copy_(torch.eye(attn.heads))
         else:  # LayerNorm over the last axis of the usual (B, h, i, j) layout, i.e. over the keys j
-            monkeypatch.setattr(attn, "reattn_norm", NormOverKeys(attn.reattn_norm))
+            attn.reattn_norm = NormOverKeys(attn.reattn_norm)
     assert max_abs_diff(ref, ours, x) > 1e-3
 
 
