@@ -413,7 +413,7 @@ def _flat_images(column: pa.ChunkedArray, path: str, name: str, table_rows: np.n
     per_item = 1  # elements of the current level per row: 1, 8, 8 * 125, then 8 * 125 * 125 values
     for depth, expected in enumerate(IMAGE_SHAPE):
         if arr.null_count:
-            i = int(np.flatnonzero(pc.is_null(arr).to_numpy(zero_copy_only=False))[0])
+            i = int(np.flatnonzero(np.asarray(pc.is_null(arr)))[0])
             raise ConvertError(_where(path, table_rows, i, per_item, depth) + f": {name} holds a null "
                                f"{'row' if depth == 0 else 'list'}; drop or repair it")
         lens = _list_lengths(arr)
@@ -426,7 +426,7 @@ def _flat_images(column: pa.ChunkedArray, path: str, name: str, table_rows: np.n
         arr = arr.flatten()
         per_item *= expected
     if arr.null_count:
-        i = int(np.flatnonzero(pc.is_null(arr).to_numpy(zero_copy_only=False))[0])
+        i = int(np.flatnonzero(np.asarray(pc.is_null(arr)))[0])
         raise ConvertError(_where(path, table_rows, i, per_item, 3) + ": null pixel value; drop or repair it")
     # zero copy; np.frombuffer rather than arr.to_numpy(), whose first call costs ~0.6 s of imports
     dtype = np.dtype(np.float64 if pa.types.is_float64(arr.type) else np.float32)
@@ -575,10 +575,13 @@ def _add_stats(result: _Result, j: int, values: np.ndarray, positions: np.ndarra
 
 def _scalar_values(column: pa.ChunkedArray, path: str, name: str, table_rows: np.ndarray) -> np.ndarray:
     """A scalar column -> float64 numpy; nulls, NaN and inf are errors naming the first bad row."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if column.null_count:
-        i = int(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0])
+        i = int(np.flatnonzero(np.asarray(pc.is_null(column)))[0])
         raise ConvertError(f"{path}: row {int(table_rows[i])}: column {name} is null; drop or repair the row")
-    values = np.asarray(column.to_numpy(), dtype=np.float64)
+    # cast in Arrow, then view the buffer: pyarrow's to_numpy() imports pandas on its first call (~0.5 s)
+    column = pc.cast(column, pa.float64())
+    values = np.frombuffer(column.buffers()[1], np.float64, count=len(column), offset=column.offset * 8)
     if values.size and not np.isfinite(values).all():
         i = int(np.flatnonzero(~np.isfinite(values))[0])
         raise ConvertError(f"{path}: row {int(table_rows[i])}: column {name} is {values[i]}; drop or repair the row")
@@ -618,6 +621,13 @@ def _prefetched(chunks: Iterator[_Chunk]) -> Iterator[_Result]:
         pending: deque = deque()
         try:
             for chunk in chunks:
+                if pending and chunk.path != pending[-1][0].path:
+                    # a new file: finish the old one, then parse the footer here, so that only one footer is
+                    # ever held and its many small allocations land in this thread's malloc arena every time
+                    while pending:
+                        done, table = pending.popleft()
+                        yield _decode(done, table.result())
+                _cached_parquet(chunk.path)
                 pending.append((chunk, reader.submit(_read_chunk, chunk)))
                 if len(pending) > 1:
                     chunk, table = pending.popleft()
