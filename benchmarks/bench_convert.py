@@ -245,82 +245,106 @@ def generated(workdir: Path, rows: int) -> Path:
     return out / synth.file_name("top", 0)
 
 
+RUNS = {"original": ("original", 8, 1), "ceiling": ("ceiling", 8, 1),
+        "convert chunk 1": ("convert", 1, 1), "convert chunk 8": ("convert", 8, 1),
+        "convert chunk 64": ("convert", 64, 1), "convert chunk 8, 2 workers": ("convert", 8, 2)}
+SHORT = dict(zip(["original", "ceiling", "chunk1", "chunk8", "chunk64", "workers2"], RUNS))
+
+
+def report(rows: int, rounds: int, best: dict, cpu_best: dict, double: dict, double_long: dict) -> list[str]:
+    """The table and the ratios against the targets."""
+    lines = [f"bench_convert: {rows} rows (top, one row per row group, channels 0-3), best of {rounds} rounds, "
+             f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end",
+             "(rows/s: best round; CPU ms/row: CPU seconds of all processes (workers included), least of the "
+             "rounds; cores: CPU / wall of the best round; peak RSS: the process + the processes below it "
+             "(forkserver and workers) at their peak together)",
+             f"| method | rows/s | x original | x ceiling | CPU ms/row | cores | peak RSS MB: 1 file of {rows} rows | "
+             f"2 files of {rows} | 1 file of {2 * rows} |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    orig = best.get("original", {}).get("rows_per_s", np.nan)
+    ceil = best.get("ceiling", {}).get("rows_per_s", np.nan)
+
+    def rss(m, name):
+        if m is None:
+            return ""
+        return f"{m['rss_mb']:.0f}" + (f" + {m['helpers_rss_mb']:.0f}" if RUNS[name][2] > 1 else "")
+
+    for name, m in best.items():
+        lines.append(f"| {name} | {m['rows_per_s']:.1f} | {m['rows_per_s'] / orig:.2f} | "
+                     f"{m['rows_per_s'] / ceil:.2f} | {1e3 * cpu_best[name] / m['rows']:.2f} | "
+                     f"{m['cpu'] / m['seconds']:.2f} | {rss(m, name)} | {rss(double.get(name), name)} | "
+                     f"{rss(double_long.get(name), name)} |")
+    if "convert chunk 8" in best:
+        ours8 = best["convert chunk 8"]["rows_per_s"]
+        lines.append(f"\nconvert chunk 8: {ours8 / orig:.2f}x the original method (target >= 1.5), "
+                     f"{ours8 / ceil:.2f}x the decode-only ceiling (target >= 0.75)")
+        if "convert chunk 8, 2 workers" in best:
+            speedup = best["convert chunk 8, 2 workers"]["rows_per_s"] / ours8
+            lines.append(f"2 workers: {speedup:.2f}x 1 worker (target >= 1.5)")
+        per_row = {k: cpu_best[k] / best[k]["rows"] for k in best}
+        if "original" in per_row and "ceiling" in per_row:
+            lines.append(f"CPU per row: the original method uses {per_row['original'] / per_row['convert chunk 8']:.2f}x"
+                         f" what convert chunk 8 does, which uses {per_row['convert chunk 8'] / per_row['ceiling']:.2f}x"
+                         f" the ceiling's")
+
+    def total(m):
+        return m["rss_mb"] + m["helpers_rss_mb"]
+
+    for label, runs2 in (("2 files", double), (f"1 file of {2 * rows} rows", double_long)):
+        if runs2:
+            lines.append(f"peak RSS, 2x input ({label}) / 1x input: " +
+                         ", ".join(f"{k} {total(runs2[k]) / total(best[k]):.2f}" for k in runs2 if k in best))
+    return lines
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--rows", type=int, default=4096, show_default=True, help="Rows of the generated file (>= 4096).")
 @click.option("--rounds", type=int, default=3, show_default=True, help="Rounds of turns; the best is reported.")
 @click.option("--workdir", type=click.Path(path_type=Path), default=ROOT / "data" / "bench", show_default=True)
+@click.option("--only", "only", multiple=True, type=click.Choice(list(SHORT)),
+              help="Run only these (repeatable); default all.")
+@click.option("--rss/--no-rss", "do_rss", default=True, show_default=True, help="The 2x-input RSS runs.")
 @click.option("--profile/--no-profile", "do_profile", default=True, show_default=True)
 @click.option("--child", hidden=True, default=None)
 @click.argument("child_path", required=False)
 @click.option("--chunk", type=int, default=8, hidden=True)
 @click.option("--workers", type=int, default=1, hidden=True)
 @click.option("--out", default="", hidden=True)
-def main(rows, rounds, workdir, do_profile, child, child_path, chunk, workers, out):
+def main(rows, rounds, workdir, only, do_rss, do_profile, child, child_path, chunk, workers, out):
     if child:
         _child(child, child_path, chunk, workers, out)
         return
     workdir.mkdir(parents=True, exist_ok=True)
-    one, long = generated(workdir, rows), generated(workdir, 2 * rows)
-    # twice the input as the real data grows, in files (two of --rows rows), and as one file of twice the rows
-    # (whose footer, parsed whole by pyarrow, is twice as large too: ~6 kB of RSS per row group, any reader)
-    pair = workdir / f"top_{rows}x2"
-    pair.mkdir(exist_ok=True)
-    for i in range(2):
-        copy = pair / synth.file_name("top", i)
-        if not copy.exists():
-            shutil.copyfile(one, copy)
+    one = generated(workdir, rows)
     out = workdir / "bench_out.h5"
-    runs = {"original": ("original", 8, 1), "ceiling": ("ceiling", 8, 1),
-            "convert chunk 1": ("convert", 1, 1), "convert chunk 8": ("convert", 8, 1),
-            "convert chunk 64": ("convert", 64, 1), "convert chunk 8, 2 workers": ("convert", 8, 2)}
+    names = [SHORT[k] for k in only] if only else list(RUNS)
     best: dict[str, dict] = {}
     cpu_best: dict[str, float] = {}
-    names = list(runs)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:     # a different order each round
-            method, chunk_size, n_workers = runs[name]
-            m = measure(method, one, chunk_size, n_workers, out)
+            m = measure(RUNS[name][0], one, *RUNS[name][1:], out)
             m["rows_per_s"] = m["rows"] / m["seconds"]
             print(f"round {r + 1} {name:28s} {m['rows_per_s']:8.1f} rows/s  cpu {m['cpu']:6.1f} s  "
-                  f"rss {m['rss_mb']:6.0f} MB", flush=True)
+                  f"rss {m['rss_mb']:6.0f} + {m['helpers_rss_mb']:4.0f} MB", flush=True)
             if name not in best or m["rows_per_s"] > best[name]["rows_per_s"]:
                 best[name] = m
             cpu_best[name] = min(cpu_best.get(name, np.inf), m["cpu"])
-    doubled = ("original", "ceiling", "convert chunk 8", "convert chunk 8, 2 workers")
-    double = {name: measure(*((runs[name][0], pair) + runs[name][1:]), out) for name in doubled}
-    double_long = {name: measure(*((runs[name][0], long) + runs[name][1:]), out) for name in doubled}
+    double, double_long = {}, {}
+    if do_rss:
+        # twice the input as the real data grows, in files (two of --rows rows), and as one file of twice the
+        # rows (whose footer, parsed whole by pyarrow, is twice as large too: ~6 kB of RSS per row group)
+        long = generated(workdir, 2 * rows)
+        pair = workdir / f"top_{rows}x2"
+        pair.mkdir(exist_ok=True)
+        for i in range(2):
+            if not (pair / synth.file_name("top", i)).exists():
+                shutil.copyfile(one, pair / synth.file_name("top", i))
+        doubled = [n for n in ("original", "ceiling", "convert chunk 8", "convert chunk 8, 2 workers") if n in names]
+        double = {name: measure(RUNS[name][0], pair, *RUNS[name][1:], out) for name in doubled}
+        double_long = {name: measure(RUNS[name][0], long, *RUNS[name][1:], out) for name in doubled}
     out.unlink(missing_ok=True)
-
-    ceil, orig, ours8 = (best[k]["rows_per_s"] for k in ("ceiling", "original", "convert chunk 8"))
     print()
-    print(f"bench_convert: {rows} rows (top, one row per row group, channels 0-3), best of {rounds} rounds, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    print("(rows/s: best round; CPU ms/row: CPU seconds of all processes, least of the rounds; peak RSS: the "
-          "process, + the processes below it (forkserver and workers) at their peak together)")
-    print(f"| method | rows/s | x original | x ceiling | CPU ms/row | peak RSS MB: 1 file of {rows} rows | "
-          f"2 files of {rows} | 1 file of {2 * rows} |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, m in best.items():
-        rss = f"{m['rss_mb']:.0f}" + (f" + {m['helpers_rss_mb']:.0f}" if runs[name][2] > 1 else "")
-        more = []
-        for runs2 in (double, double_long):
-            d = runs2.get(name)
-            more.append("" if d is None else f"{d['rss_mb']:.0f}" +
-                        (f" + {d['helpers_rss_mb']:.0f}" if runs[name][2] > 1 else ""))
-        print(f"| {name} | {m['rows_per_s']:.1f} | {m['rows_per_s'] / orig:.2f} | {m['rows_per_s'] / ceil:.2f} | "
-              f"{1e3 * cpu_best[name] / m['rows']:.2f} | {rss} | {more[0]} | {more[1]} |")
-    per_row = {k: cpu_best[k] / best[k]["rows"] for k in best}
-    print(f"\nCPU per row: convert chunk 8 uses {per_row['original'] / per_row['convert chunk 8']:.2f}x less than "
-          f"the original method and {per_row['convert chunk 8'] / per_row['ceiling']:.2f}x the ceiling's")
-    speedup = best["convert chunk 8, 2 workers"]["rows_per_s"] / ours8
-    print(f"convert chunk 8: {ours8 / orig:.2f}x the original method (target >= 1.5), {ours8 / ceil:.2f}x the "
-          f"decode-only ceiling (target >= 0.75); 2 workers: {speedup:.2f}x 1 worker (target >= 1.5)")
-    def total(m):
-        return m["rss_mb"] + m["helpers_rss_mb"]
-
-    for label, runs2 in (("2 files", double), (f"1 file of {2 * rows} rows", double_long)):
-        print(f"peak RSS, 2x input ({label}) / 1x input: " +
-              ", ".join(f"{k} {total(runs2[k]) / total(best[k]):.2f}" for k in runs2))
+    print("\n".join(report(rows, rounds, best, cpu_best, double, double_long)))
     if do_profile:
         print()
         print("\n".join(profile(one, min(rows, 1024))))
