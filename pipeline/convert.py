@@ -35,6 +35,7 @@ import multiprocessing
 import os
 import re
 import time
+import warnings
 from collections import deque
 from contextlib import closing
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -66,6 +67,11 @@ CUT_PRESETS = {
     "none": (),
 }
 EXECUTION_ONLY = ("workers", "force", "progress")  # config fields that cannot change the output file
+
+# Workers are forked from a forkserver that preloads this module (`_start_pool`); under `python -m
+# pipeline.convert` each then re-runs the parent's main module as __mp_main__ and runpy warns that the module
+# is imported already. Expected and harmless; the filter is inherited by the forked workers.
+warnings.filterwarnings("ignore", message="'pipeline.convert' found in sys.modules", category=RuntimeWarning)
 
 
 class ConvertError(Exception):
