@@ -391,8 +391,10 @@ def train(config: TrainConfig, *, stop_after_epochs: int | None = None, echo=cli
             config = resume_config(config, ckpt)
             if not config.data:
                 config = replace(config, data=tuple(ckpt["data"]["paths"]))
-        elif not config.run_dir:
-            config = replace(config, run_dir=broadcast(default_run_dir(), d))
+        else:
+            if not config.run_dir:
+                config = replace(config, run_dir=broadcast(default_run_dir(), d))
+            check_run_dir(config)  # before any work, on every rank, so all refuse together
         if config.amp and d.device.type != "cuda":
             say("note: --amp (bf16 autocast) applies on CUDA only; running in float32 on CPU")
 
@@ -450,10 +452,8 @@ def train(config: TrainConfig, *, stop_after_epochs: int | None = None, echo=cli
 
         # ---- run directory (rank 0 writes; the others wait so nobody reads a half-made dir)
         run = Path(config.run_dir)
-        if ckpt is None:
-            check_run_dir(config)  # every rank, before anything is written, so all refuse together
         if d.world > 1:
-            dist.barrier()
+            dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
         if d.main:
             if ckpt is None:
                 prepare_run_dir(config)
