@@ -31,9 +31,14 @@ demo: $(STAMP)
 	$(PY) -m pipeline.synth $(DEMO)/raw --process top --rows $(DEMO_ROWS) --files 2 --seed 1
 	$(PY) -m pipeline.convert $(DEMO)/raw $(DEMO)/top.h5 --cuts top --channels 0,1,2,3,4,5,6,7
 	@if command -v h5ls >/dev/null; then h5ls -r $(DEMO)/top.h5; else $(PY) -m pipeline.inspect $(DEMO)/top.h5; fi
+	$(PY) -m massreg.train $(DEMO)/top.h5 --model tiny --epochs $(DEMO_EPOCHS) --run-dir $(DEMO)/run --device cpu
+	$(PY) -m massreg.evaluate $(DEMO)/run/best_val_loss.pt $(DEMO)/top.h5 --split test --max-mae-ratio 0.7
+	@echo "plots: $(DEMO)/run/plots/ (training) and $(DEMO)/run/eval_test/ (test)"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_convert.py
+	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/bench_model.py --threads 1
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info
