@@ -170,7 +170,7 @@ def restore(ckpt: dict, device: str | torch.device = "cpu") -> Restored:
     device = torch.device(device)
     try:
         model_config = ModelConfig(**ckpt["model_config"])
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # unknown field, or an impossible value
         raise CheckpointError(f"checkpoint model_config does not fit this massreg's ModelConfig: {exc}") from None
     model = build_model(model_config)
     try:
