@@ -67,6 +67,7 @@ CUT_PRESETS = {
     "none": (),
 }
 EXECUTION_ONLY = ("workers", "force", "progress")  # config fields that cannot change the output file
+PARALLEL_SCAN_BYTES = 1 << 30   # inputs above this size (and of 2+ files) are scanned in the worker pool
 
 # Workers are forked from a forkserver that preloads this module (`_start_pool`); under `python -m
 # pipeline.convert` each then re-runs the parent's main module as __mp_main__ and runpy warns that the module
@@ -855,10 +856,12 @@ class _Plan:
 
 def _plan(config: ConvertConfig, shard: tuple[int, int] | None, bar_off: bool | None,
           pool: ProcessPoolExecutor | None = None) -> _Plan:
-    """Pass 0 (footers: schemas, row groups) and pass 1 (scalar columns: cuts, split), file by file in the
-    pool when there is one (seven 150,000-row files: ~1 s of footer and ~5 s of scalars each)."""
-    mapper = map if pool is None else pool.map
+    """Pass 0 (footers: schemas, row groups) and pass 1 (scalar columns: cuts, split). A real 150,000-row file
+    costs ~1 s of footer and ~5 s of scalars, so large inputs are read file by file in the pool; small ones
+    here, while the pool's processes start (~1 s)."""
     files = resolve_inputs(config.inputs)
+    big = len(files) > 1 and sum(f.stat().st_size for f in files) > PARALLEL_SCAN_BYTES
+    mapper = pool.map if pool is not None and big else map
     sources = list(tqdm(mapper(_inspect, files), total=len(files), desc="footers", unit="file", disable=bar_off,
                         leave=False))
     first = sources[0]
