@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
+from pipeline import convert as C
 from pipeline import layout
 from pipeline.convert import ConvertConfig, ConvertError, convert
 from test_convert import make_rows, write_parquet
@@ -35,6 +36,7 @@ def read_all(path) -> dict:
 
 def test_two_workers_write_the_same_bytes_as_one(raw, tmp_path, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    monkeypatch.setattr(C, "PARALLEL_SCAN_BYTES", 0)      # passes 0-1 in the pool too, as for large inputs
     files = {}
     for workers in (1, 2):
         d = tmp_path / f"w{workers}"
@@ -51,20 +53,28 @@ def test_two_workers_write_the_same_bytes_as_one(raw, tmp_path, monkeypatch):
     assert files[1].read_bytes() == files[2].read_bytes()
 
 
-def test_an_error_in_a_worker_names_file_and_row_as_the_serial_path(tmp_path):
+@pytest.mark.parametrize("where", ["image", "scalar"])
+def test_an_error_in_a_worker_names_file_and_row_as_the_serial_path(tmp_path, monkeypatch, where):
+    monkeypatch.setattr(C, "PARALLEL_SCAN_BYTES", 0)      # pass 1 (scalars) runs in the pool too
     images, s = make_rows(12, seed=30)
-    images[9, 2, 0, 3] = np.nan
+    write_parquet(tmp_path / "a.parquet", images, s)
+    if where == "image":
+        images[9, 2, 0, 3] = np.nan
+        expected = "x.parquet: row 9, channel 2 (d0): pixel value is nan; drop or repair this row " \
+                   "(NaN and inf are always errors)"
+    else:
+        s["pt"][7] = np.inf
+        expected = "x.parquet: row 7: column pt is inf; drop or repair the row"
     write_parquet(tmp_path / "x.parquet", images, s)
     messages = []
     for workers in (1, 2):
         with pytest.raises(ConvertError) as err:
-            convert(ConvertConfig([str(tmp_path / "x.parquet")], str(tmp_path / "out.h5"), cuts="none",
-                                  chunk_size=2, workers=workers, progress=False))
+            convert(ConvertConfig([str(tmp_path)], str(tmp_path / "out.h5"), cuts="none", chunk_size=2,
+                                  workers=workers, progress=False))
         messages.append(str(err.value))
     assert messages[0] == messages[1]
-    assert messages[0].endswith("x.parquet: row 9, channel 2 (d0): pixel value is nan; drop or repair this row "
-                                "(NaN and inf are always errors)")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.parquet"]
+    assert messages[0].endswith(expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "x.parquet"]
 
 
 def test_three_shards_equal_one_conversion(raw, tmp_path):
