@@ -16,11 +16,14 @@ and the statistics are those of `pipeline.layout` (read its docstring).
 Sparsity: the images are > 95 % zeros, so each channel's nonzero values are found with one integer compare
 and only they are rounded (numpy's exact cast), range-checked, summed into the statistics and sent back by a
 worker; a channel over a quarter nonzero is rounded whole. Everything beyond decoding costs ~0.3 ms a row
-at 4 channels against ~1.2 ms of decoding (README, "Converter performance").
+at 4 channels against ~1.2 ms of decoding (README, "Converter performance"). In one process a reader thread
+decodes the next chunk (pyarrow releases the GIL) while this one is checked and written.
 
-Parallel (`--workers N`): N spawned worker processes decode, check and round chunks; the parent alone
-writes them, in order, so the file is byte-for-byte that of one worker (the stored config leaves out the
-settings that do not change the result: workers, force, progress; set SOURCE_DATE_EPOCH to fix `created`).
+Parallel (`--workers N`): N worker processes (forked from a forkserver, never from the parent, which holds
+the HDF5 file) decode, check and round chunks, 2 per worker in flight; the parent alone writes them, in
+order, so the file is byte-for-byte that of one process (the stored config leaves out the settings that do
+not change the result: workers, force, progress; set SOURCE_DATE_EPOCH to fix `created`). Inputs over 1 GB
+also have their footers and scalar columns (passes 0-1) read file by file in the pool.
 Sharded (`--shard I/N`, I from 1 to N): the global list of chunks of `chunk_size` row groups (all files, in
 order) is cut into N contiguous parts of nearly equal size and part I is converted; concatenating the
 shards 1..N gives the rows of one conversion in the same order, each with the same split (the split of a
