@@ -54,15 +54,16 @@ def to_plain(value: Any) -> Any:
     return value
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
-    """Write `payload` (with format/version added) to `path` atomically: temp file beside it, then os.replace."""
+def atomic_write(path: str | os.PathLike, write, mode: str = "wb") -> Path:
+    """Call write(fh) on a temp file beside `path`, fsync, then os.replace it into place.
+
+    An interrupted write leaves only a hidden `.NAME.*.tmp`, never a half-written file under `path`."""
     path = Path(path)
-    payload = {"format": FORMAT, "version": VERSION, **payload}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -70,6 +71,17 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` atomically (see atomic_write)."""
+    return atomic_write(path, lambda fh: fh.write(text), mode="w")
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
+    """Write `payload` (with format/version added) to `path` atomically: temp file beside it, then os.replace."""
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    return atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
 def current_umask() -> int:

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from massreg.checkpoint import atomic_write_text
 from massreg.metrics import binned_metrics, constant_baseline, mass_edges, regression_metrics
 from pipeline.layout import SPLITS
 
@@ -106,19 +106,6 @@ def _json_safe(value):
     return value
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write text to a temp file beside `path`, then os.replace it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def bin_table(pred: np.ndarray, true: np.ndarray, train_mean: float, edges: np.ndarray) -> pd.DataFrame:
     """Per true-mass bin: the model's metrics and, beside them, the constant predictor's (suffix _const)."""
     model = binned_metrics(pred, true, edges)
@@ -166,7 +153,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = plot_predictions(pred, true, out_dir, config.split, edges=edges,
                              label=f"{config.split}, {Path(config.checkpoint).name}")
-    write_text_atomic(out_dir / "bins.csv", bins.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out_dir / "bins.csv", bins.to_csv(index=False, float_format="%.6g"))
     report = {
         "config": asdict(config),
         "checkpoint": {"path": str(config.checkpoint), "resolved": str(Path(config.checkpoint).resolve()),
@@ -185,7 +172,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> dict:
         "out_dir": str(out_dir),
     }
     report = _json_safe(report)
-    write_text_atomic(out_dir / "metrics.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
     return report
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -29,7 +28,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from massreg.evaluate import EvaluateError, check_channels, load_model, resolve_device, write_text_atomic
+from massreg.checkpoint import atomic_write, atomic_write_text
+from massreg.evaluate import EvaluateError, check_channels, load_model, resolve_device
 from pipeline.layout import COLUMN_ALIASES, SPLITS
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -275,22 +275,16 @@ def predict_file(path: str, kind: str, restored, config: PredictConfig, device, 
 
 def _write_table(df: pd.DataFrame, out: Path, meta: dict) -> None:
     """CSV or Parquet by suffix, to a temp file beside `out`, then renamed into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        if out.suffix.lower() == ".csv":
-            df.to_csv(tmp, index=False, na_rep="")  # full precision: floats round-trip exactly
-        else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-            table = pa.Table.from_pandas(df, preserve_index=False)
-            table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                                   b"massreg_predict": json.dumps(meta).encode()})
-            pq.write_table(table, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if out.suffix.lower() == ".csv":
+        # full precision: floats round-trip exactly
+        atomic_write(out, lambda fh: df.to_csv(fh, index=False, na_rep=""), mode="w")
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           b"massreg_predict": json.dumps(meta).encode()})
+    atomic_write(out, lambda fh: pq.write_table(table, fh))
 
 
 def predict(config: PredictConfig, *, progress: bool = False) -> pd.DataFrame:
@@ -311,7 +305,7 @@ def predict(config: PredictConfig, *, progress: bool = False) -> pd.DataFrame:
             "columns": list(df.columns), "device": str(device)}
     if out.exists() and not config.force:  # checked again: it may have appeared while we worked
         raise PredictError(f"--out {out} exists; pass --force to replace it")
-    write_text_atomic(out.with_name(out.name + ".json"), json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out.with_name(out.name + ".json"), json.dumps(meta, indent=2) + "\n")
     _write_table(df, out, meta)
     return df
 

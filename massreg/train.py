@@ -193,25 +193,13 @@ def make_optimizer(c: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimi
                               {"params": no_decay, "weight_decay": 0.0}], lr=c.lr)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~ck.current_umask())
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_metrics_csv(path: Path, history: list[dict]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in history:
         writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
-    atomic_write_text(path, buf.getvalue())
+    ck.atomic_write_text(path, buf.getvalue())
 
 
 @dataclass
@@ -460,7 +448,7 @@ def train(config: TrainConfig, *, stop_after_epochs: int | None = None, echo=cli
             config_json = {"train": asdict(config), "model": asdict(mcfg), "data": info, "channels": channels,
                            "world_size": d.world, "device": str(d.device), "torch": torch.__version__,
                            "parameters": sum(p.numel() for p in raw_model.parameters())}
-            atomic_write_text(run / "config.json", json.dumps(ck.to_plain(config_json), indent=2) + "\n")
+            ck.atomic_write_text(run / "config.json", json.dumps(ck.to_plain(config_json), indent=2) + "\n")
         if d.world > 1:
             dist.barrier()
 
