@@ -27,7 +27,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
