@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/bench_convert.py [--rows 4096] [--rounds 3] [--workdir data/bench] [--no-profile]
 
-On a generated `top` file (pipeline.synth, one row per row group, as the real files) of --rows rows, in one run:
+On a generated `top` file (pipeline.synth, one row per row group, as the real files) of --rows rows, in one
+run:
   original   the write-up's method, corrected to read every row group: `read_row_groups` of 8 row groups,
              `to_pandas()`, then per row `np.stack` of channels 0-3 and `.astype(np.float16)`, the copies kept
              in a list (it writes nothing, which only flatters it)
@@ -139,15 +140,16 @@ def _child(method: str, path: str, chunk: int, workers: int, out: str) -> None:
     watcher.join()
     after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime + sum(record["cpu"].values())
-    print(json.dumps({"rows": rows, "seconds": seconds, "cpu": cpu, "rss_mb": _status_kb("self", "VmHWM") / 1024,
+    print(json.dumps({"rows": rows, "seconds": seconds, "cpu": cpu,
+                      "rss_mb": _status_kb("self", "VmHWM") / 1024,
                       "helpers_rss_mb": record["rss_kb"] / 1024, "helpers": record["n"]}))
 
 
 def measure(method: str, path: Path, chunk: int = 8, workers: int = 1, out: Path | None = None) -> dict:
     if out is not None:
         out.unlink(missing_ok=True)   # replacing a 500 MB file takes ~0.4 s of the kernel's time: not ours
-    cmd = [sys.executable, __file__, "--child", method, str(path), "--chunk", str(chunk), "--workers", str(workers),
-           "--out", str(out or "")]
+    cmd = [sys.executable, __file__, "--child", method, str(path), "--chunk", str(chunk),
+           "--workers", str(workers), "--out", str(out or "")]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{method} failed:\n{done.stderr}")
@@ -188,7 +190,8 @@ def profile(path: Path, rows: int) -> list[str]:
             raw = flat.reshape(-1, 8, C.PIXELS)
             tick("checks + flat numpy view", t)
             result = C._Result(len(raw))
-            result.n_train, result.sums, result.sumsqs, result.maxes = len(raw), np.zeros(4), np.zeros(4), np.zeros(4)
+            result.n_train = len(raw)
+            result.sums, result.sumsqs, result.maxes = np.zeros(4), np.zeros(4), np.zeros(4)
             for j, c in enumerate(CHANNELS):
                 t = time.process_time()
                 positions, values = C._round_channel(raw[:, c])
@@ -255,13 +258,14 @@ SHORT = dict(zip(["original", "ceiling", "chunk1", "chunk8", "chunk64", "workers
 
 def report(rows: int, rounds: int, best: dict, cpu_best: dict, double: dict, double_long: dict) -> list[str]:
     """The table and the ratios against the targets."""
-    lines = [f"bench_convert: {rows} rows (top, one row per row group, channels 0-3), best of {rounds} rounds, "
+    lines = [f"bench_convert: {rows} rows (top, one row per row group, channels 0-3), best of {rounds} "
+             f"rounds, "
              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end",
              "(rows/s: best round; CPU ms/row: CPU seconds of all processes (workers included), least of the "
              "rounds; cores: CPU / wall of the best round; peak RSS: the process + the processes below it "
              "(forkserver and workers) at their peak together)",
-             f"| method | rows/s | x original | x ceiling | CPU ms/row | cores | peak RSS MB: 1 file of {rows} rows | "
-             f"2 files of {rows} | 1 file of {2 * rows} |",
+             f"| method | rows/s | x original | x ceiling | CPU ms/row | cores | peak RSS MB: 1 file of "
+             f"{rows} rows | 2 files of {rows} | 1 file of {2 * rows} |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     orig = best.get("original", {}).get("rows_per_s", np.nan)
     ceil = best.get("ceiling", {}).get("rows_per_s", np.nan)
@@ -285,9 +289,9 @@ def report(rows: int, rounds: int, best: dict, cpu_best: dict, double: dict, dou
             lines.append(f"2 workers: {speedup:.2f}x 1 worker (target >= 1.5)")
         per_row = {k: cpu_best[k] / best[k]["rows"] for k in best}
         if "original" in per_row and "ceiling" in per_row:
-            lines.append(f"CPU per row: the original method uses {per_row['original'] / per_row['convert chunk 8']:.2f}x"
-                         f" what convert chunk 8 does, which uses {per_row['convert chunk 8'] / per_row['ceiling']:.2f}x"
-                         f" the ceiling's")
+            ours = per_row["convert chunk 8"]
+            lines.append(f"CPU per row: the original method uses {per_row['original'] / ours:.2f}x what "
+                         f"convert chunk 8 does, which uses {ours / per_row['ceiling']:.2f}x the ceiling's")
 
     def total(m):
         return m["rss_mb"] + m["helpers_rss_mb"]
@@ -300,9 +304,10 @@ def report(rows: int, rounds: int, best: dict, cpu_best: dict, double: dict, dou
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--rows", type=int, default=4096, show_default=True, help="Rows of the generated file (>= 4096).")
-@click.option("--rounds", type=int, default=3, show_default=True, help="Rounds of turns; the best is reported.")
-@click.option("--workdir", type=click.Path(path_type=Path), default=ROOT / "data" / "bench", show_default=True)
+@click.option("--rows", type=int, default=4096, show_default=True, help="Rows of the generated file.")
+@click.option("--rounds", type=int, default=3, show_default=True, help="Rounds of turns; the best is kept.")
+@click.option("--workdir", type=click.Path(path_type=Path), default=ROOT / "data" / "bench",
+              show_default=True)
 @click.option("--only", "only", multiple=True, type=click.Choice(list(SHORT)),
               help="Run only these (repeatable); default all.")
 @click.option("--rss/--no-rss", "do_rss", default=True, show_default=True, help="The 2x-input RSS runs.")
@@ -341,7 +346,8 @@ def main(rows, rounds, workdir, only, do_rss, do_profile, child, child_path, chu
         for i in range(2):
             if not (pair / synth.file_name("top", i)).exists():
                 shutil.copyfile(one, pair / synth.file_name("top", i))
-        doubled = [n for n in ("original", "ceiling", "convert chunk 8", "convert chunk 8, 2 workers") if n in names]
+        doubled = [n for n in ("original", "ceiling", "convert chunk 8", "convert chunk 8, 2 workers")
+                   if n in names]
         double = {name: measure(RUNS[name][0], pair, *RUNS[name][1:], out) for name in doubled}
         double_long = {name: measure(RUNS[name][0], long, *RUNS[name][1:], out) for name in doubled}
     out.unlink(missing_ok=True)

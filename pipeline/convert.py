@@ -125,7 +125,8 @@ class Cut:
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?inf"
 _COL = r"\|\s*(?P<abs1>[A-Za-z_]\w*)\s*\||abs\(\s*(?P<abs2>[A-Za-z_]\w*)\s*\)|(?P<plain>[A-Za-z_]\w*)"
-_CUT_LT = re.compile(rf"^\s*(?:(?P<lo>{_NUM})\s*(?P<lop><=|<)\s*)?(?:{_COL})\s*(?:(?P<hop><=|<)\s*(?P<hi>{_NUM}))?\s*$")
+_CUT_LT = re.compile(rf"^\s*(?:(?P<lo>{_NUM})\s*(?P<lop><=|<)\s*)?(?:{_COL})"
+                     rf"\s*(?:(?P<hop><=|<)\s*(?P<hi>{_NUM}))?\s*$")
 _CUT_GT = re.compile(rf"^\s*(?:{_COL})\s*(?P<op>>=|>)\s*(?P<lo>{_NUM})\s*$")
 CUT_SYNTAX = ("'LO <= COL <= HI', 'COL < HI', 'COL >= LO', '|COL| < HI' or 'abs(COL) < HI' "
               "(< and <= allowed on either side)")
@@ -176,12 +177,14 @@ class ConvertSummary:
         """The one-paragraph summary the CLI prints."""
         pct = 100.0 * self.rows_kept / max(self.rows_read, 1)
         rejected = "; ".join(f"{text}: {n:,}" for text, n in self.rejected.items()) or "no cuts"
-        skipped = f" Skipped cuts (column absent): {', '.join(self.skipped_cuts)}." if self.skipped_cuts else ""
+        skipped = (f" Skipped cuts (column absent): {', '.join(self.skipped_cuts)}."
+                   if self.skipped_cuts else "")
         split = " / ".join(f"{k} {v:,}" for k, v in self.split_sizes.items())
         shard = f" (shard {self.shard})" if self.shard else ""
         return (f"Read {self.rows_read:,} rows from {self.files} file(s){shard}, kept {self.rows_kept:,} "
                 f"({pct:.1f}%). Rows failing each cut: {rejected}.{skipped} Wrote {self.output}: "
-                f"{self.rows_kept:,} x {len(self.channels)} x {layout.IMAGE_SIZE} x {layout.IMAGE_SIZE} float16 "
+                f"{self.rows_kept:,} x {len(self.channels)} x {layout.IMAGE_SIZE} x {layout.IMAGE_SIZE} "
+                f"float16 "
                 f"({', '.join(self.channels)}), {self.bytes / 1e6:,.1f} MB; split {split}; "
                 f"{self.clipped:,} values clipped. Columns used: "
                 f"{', '.join(f'{k}={v}' for k, v in self.columns_used.items())}. "
@@ -217,7 +220,8 @@ def parse_shard(shard: str | None) -> tuple[int, int] | None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(shard))
     if match is None or not 1 <= int(match[1]) <= int(match[2]):
-        raise ConvertError(f"shard {shard!r}: write I/N with 1 <= I <= N (e.g. 3/16 for the third of 16 parts)")
+        raise ConvertError(f"shard {shard!r}: write I/N with 1 <= I <= N (e.g. 3/16 for the third of 16 "
+                           f"parts)")
     return int(match[1]), int(match[2])
 
 
@@ -326,7 +330,8 @@ def _columns(path: str, schema: pa.Schema) -> tuple[str, dict[str, str], list[st
             ignored.append(f.name)
             continue
         if "/" in canon or canon in layout.LABEL_META or canon in (".", ""):
-            raise ConvertError(f"{path}: column name {f.name!r} cannot be stored as /labels/{canon}; rename it")
+            raise ConvertError(f"{path}: column name {f.name!r} cannot be stored as /labels/{canon}; "
+                               f"rename it")
         scalars[canon] = f.name
     return image, scalars, ignored
 
@@ -344,14 +349,15 @@ def _inspect(path: Path) -> _Source:
     return _Source(str(path), path.name, path.stat().st_size, image, scalars, ignored, starts)
 
 
-def _shard_ranges(sources: list[_Source], chunk_size: int, shard: tuple[int, int] | None) -> list[tuple[int, int]]:
-    """Row-group range [lo, hi) of each file inside this shard. The global list of chunks (chunk_size row groups,
-    files in order) is cut into N contiguous parts; part I (1-based) is ours."""
+def _shard_ranges(sources: list[_Source], chunk_size: int,
+                  shard: tuple[int, int] | None) -> list[tuple[int, int]]:
+    """Row-group range [lo, hi) of each file inside this shard. The global list of chunks (chunk_size row
+    groups, files in order) is cut into N contiguous parts; part I (1-based) is ours."""
     if shard is None:
         return [(0, s.num_groups) for s in sources]
     index, count = shard
     per_file = np.array([-(-s.num_groups // chunk_size) for s in sources], np.int64)   # ceil
-    first = np.concatenate([[0], np.cumsum(per_file)])                               # first chunk of each file
+    first = np.concatenate([[0], np.cumsum(per_file)])                  # first chunk of each file
     total = int(first[-1])
     if total < count:
         raise ConvertError(f"shard {index}/{count}: the inputs hold only {total} chunks of {chunk_size} row "
@@ -387,7 +393,7 @@ class _Chunk:
 class _Result:
     """One decoded chunk, sparse: what a worker sends back is ~100x smaller than the dense float16 images."""
     n: int                             # rows kept
-    parts: list = field(default_factory=list)   # per channel: (flat positions in (n, 15625) | None, float16 values)
+    parts: list = field(default_factory=list)   # per channel: (positions in (n, 15625) | None, values)
     scalars: dict[str, np.ndarray] = field(default_factory=dict)
     clipped: int = 0
     n_train: int = 0
@@ -407,7 +413,7 @@ class _Result:
         return out.reshape(self.n, len(self.parts), layout.IMAGE_SIZE, layout.IMAGE_SIZE)
 
     def clear(self, out: np.ndarray) -> None:
-        """Zero again what `dense(out)` wrote: the buffer is reused, cheaper than fresh zero pages each chunk."""
+        """Zero again what `dense(out)` wrote: reusing the buffer is cheaper than fresh zero pages."""
         for j, (positions, _) in enumerate(self.parts):
             if positions is None:
                 out[:self.n, j] = 0
@@ -440,10 +446,10 @@ def _flat_images(column: pa.ChunkedArray, path: str, name: str, table_rows: np.n
         wrong = np.flatnonzero(lens != expected)
         if wrong.size:
             i = int(wrong[0])
-            raise ConvertError(_where(path, table_rows, i, per_item, depth) + f": {name} has {lens[i]} entries "
-                               f"at depth {depth + 1} where {expected} are expected; images must be "
+            raise ConvertError(_where(path, table_rows, i, per_item, depth) + f": {name} has {lens[i]} "
+                               f"entries at depth {depth + 1} where {expected} are expected; images must be "
                                f"{' x '.join(map(str, IMAGE_SHAPE))}")
-        # the children of exactly the lists checked: .values, sliced by the first offset (flatten() is ~5x dearer)
+        # the children of exactly the lists checked: .values sliced at the first offset (flatten() costs 5x)
         arr = arr.values.slice(_first_offset(arr), len(arr) * expected)
         per_item *= expected
     if arr.null_count:
@@ -467,7 +473,8 @@ def _list_lengths(arr: pa.Array) -> np.ndarray:
     if pa.types.is_fixed_size_list(arr.type):
         return np.full(len(arr), arr.type.list_size)
     dtype = np.dtype(np.int64 if pa.types.is_large_list(arr.type) else np.int32)
-    offsets = np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr) + 1, offset=arr.offset * dtype.itemsize)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr) + 1,
+                            offset=arr.offset * dtype.itemsize)
     return np.diff(offsets)
 
 
@@ -493,7 +500,7 @@ def to_float16(values: np.ndarray) -> np.ndarray:
 
 
 def _read_chunk(chunk: _Chunk) -> pa.Table:
-    """Decode the chunk's row groups (pyarrow; releases the GIL): the image column and any scalars asked for."""
+    """Decode the chunk's row groups (pyarrow, which releases the GIL): the image column and any scalars."""
     columns = [chunk.image_column] + [c for c in chunk.scalars.values() if c != chunk.image_column]
     return _read(_cached_parquet(chunk.path), chunk.path, chunk.groups, columns, chunk.use_threads)
 
@@ -502,8 +509,8 @@ def _decode(chunk: _Chunk, table: pa.Table) -> _Result:
     """Check, round and (for the train rows) sum one decoded chunk."""
     n_read = table.num_rows
     if n_read != len(chunk.table_rows):
-        raise ConvertError(f"{chunk.path}: row groups {chunk.groups[0]}-{chunk.groups[-1]} hold {n_read} rows, "
-                           f"the footer says {len(chunk.table_rows)}; the file is corrupt")
+        raise ConvertError(f"{chunk.path}: row groups {chunk.groups[0]}-{chunk.groups[-1]} hold {n_read} "
+                           f"rows, the footer says {len(chunk.table_rows)}; the file is corrupt")
     flat = _flat_images(table.column(0), chunk.path, chunk.image_column, chunk.table_rows)
     raw = flat.reshape(n_read, IMAGE_SHAPE[0], PIXELS)                      # (n_read, 8, 15625), zero copy
     source_rows = chunk.table_rows
@@ -544,7 +551,7 @@ def _round_channel(src: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
     -0.0 and NaN count as nonzero), cast and kept with their flat positions in (n, 15625); range checks,
     statistics and the transfer from a worker then handle these few values only. A channel over a quarter
     nonzero is cast whole: (None, (n * 15625,) values)."""
-    # compare first: np.nonzero on a bool array is ~10x faster than on the float bits, and ravels no strided view
+    # compare first: np.nonzero on bools is ~10x faster than on the float bits, and ravels no strided view
     positions = np.flatnonzero(src.view(np.uint64 if src.dtype == np.float64 else np.uint32) != 0)
     if positions.size * 4 > src.size:
         return None, to_float16(src).reshape(-1)
@@ -580,10 +587,10 @@ def _raise_bad(bad: list, chunk: _Chunk, source_rows: np.ndarray) -> None:
     c = chunk.channels[j]
     where = f"{chunk.path}: row {int(source_rows[r])}, channel {c} ({layout.CHANNEL_NAMES[c]})"
     if not np.isfinite(value):
-        raise ConvertError(f"{where}: pixel value is {value}; drop or repair this row (NaN and inf are always "
-                           f"errors)")
-    raise ConvertError(f"{where}: value {value:.4g} exceeds float16 max {layout.FLOAT16_MAX:.0f}; rescale the "
-                       f"input or pass --clip")
+        raise ConvertError(f"{where}: pixel value is {value}; drop or repair this row (NaN and inf are "
+                           f"always errors)")
+    raise ConvertError(f"{where}: value {value:.4g} exceeds float16 max {layout.FLOAT16_MAX:.0f}; rescale "
+                       f"the input or pass --clip")
 
 
 def _add_stats(result: _Result, j: int, values: np.ndarray, positions: np.ndarray | None,
@@ -612,7 +619,8 @@ def _scalar_values(column: pa.ChunkedArray, path: str, name: str, table_rows: np
     values = np.frombuffer(column.buffers()[1], np.float64, count=len(column), offset=column.offset * 8)
     if values.size and not np.isfinite(values).all():
         i = int(np.flatnonzero(~np.isfinite(values))[0])
-        raise ConvertError(f"{path}: row {int(table_rows[i])}: column {name} is {values[i]}; drop or repair the row")
+        raise ConvertError(f"{path}: row {int(table_rows[i])}: column {name} is {values[i]}; drop or repair "
+                           f"the row")
     return values
 
 
@@ -826,7 +834,8 @@ def _created() -> str:
     try:
         return datetime.fromtimestamp(int(epoch), timezone.utc).isoformat(timespec="seconds")
     except (ValueError, OverflowError, OSError):
-        raise ConvertError(f"SOURCE_DATE_EPOCH={epoch!r} is not a Unix time in seconds; unset or fix it") from None
+        raise ConvertError(f"SOURCE_DATE_EPOCH={epoch!r} is not a Unix time in seconds; unset or fix "
+                           f"it") from None
 
 
 def _validate(config: ConvertConfig) -> tuple[tuple[int, ...], tuple[int, int] | None, Path]:
@@ -900,8 +909,8 @@ def _plan(config: ConvertConfig, shard: tuple[int, int] | None, bar_off: bool | 
     files = resolve_inputs(config.inputs)
     big = len(files) > 1 and sum(f.stat().st_size for f in files) > PARALLEL_SCAN_BYTES
     mapper = pool.map if pool is not None and big else map
-    sources = list(tqdm(mapper(_inspect, files), total=len(files), desc="footers", unit="file", disable=bar_off,
-                        leave=False))
+    sources = list(tqdm(mapper(_inspect, files), total=len(files), desc="footers", unit="file",
+                        disable=bar_off, leave=False))
     first = sources[0]
     for s in sources[1:]:
         if list(s.scalars) != list(first.scalars):
@@ -926,7 +935,8 @@ def _plan(config: ConvertConfig, shard: tuple[int, int] | None, bar_off: bool | 
         raise ConvertError(f"no row of {rows_read:,} passes the cuts ({observed or 'no rows read'}); choose "
                            f"other cuts (--cuts top, --cuts none or --cut) or other inputs")
     codes = np.concatenate([layout.split_codes(s.name, scan.rows, seed=config.seed,
-                                               val_fraction=config.val_fraction, test_fraction=config.test_fraction)
+                                               val_fraction=config.val_fraction,
+                                               test_fraction=config.test_fraction)
                             for s, scan in zip(sources, scans)])
     labels = {name: np.concatenate([scan.labels[name] for scan in scans]) for name in first.scalars}
     columns_used = {"image": ",".join(dict.fromkeys(s.image_column for s in sources))}
@@ -1027,12 +1037,14 @@ def _write_images(images: h5py.Dataset, plan: _Plan, config: ConvertConfig, chan
             np.maximum(maxes, result.maxes, out=maxes)
             bar.update(result.n)
     if offset != plan.n:
-        raise ConvertError(f"wrote {offset} rows instead of {plan.n}; did an input change during the conversion?")
+        raise ConvertError(f"wrote {offset} rows instead of {plan.n}; did an input change during the "
+                           f"conversion?")
     count = np.full(c, float(n_train) * PIXELS)
     mean, std = layout.finish_stats(count, sums, sumsqs)
-    stats = {"n_train": np.int64(n_train), "channel_count": count, "channel_sum": sums, "channel_sumsq": sumsqs,
-             "channel_mean": mean, "channel_std": std, "channel_max": maxes,
-             "reference_scale": np.array([layout.REFERENCE_SCALES[layout.CHANNEL_NAMES[i]] for i in channels])}
+    scales = np.array([layout.REFERENCE_SCALES[layout.CHANNEL_NAMES[i]] for i in channels])
+    stats = {"n_train": np.int64(n_train), "channel_count": count, "channel_sum": sums,
+             "channel_sumsq": sumsqs, "channel_mean": mean, "channel_std": std, "channel_max": maxes,
+             "reference_scale": scales}
     stats.update(_label_stats(plan.labels, train))
     return stats, clipped
 
@@ -1138,8 +1150,8 @@ Examples:
               help="Processes decoding chunks; the output is identical for any number.")
 @click.option("--shard", default=None, metavar="I/N",
               help="Convert only the I-th (1-based) of N contiguous parts of the inputs' row-group chunks.")
-def main(inputs, output, channels, cuts, extra_cuts, chunk_size, val_fraction, test_fraction, seed, clip, force,
-         workers, shard):
+def main(inputs, output, channels, cuts, extra_cuts, chunk_size, val_fraction, test_fraction, seed, clip,
+         force, workers, shard):
     config = ConvertConfig(inputs=list(inputs), output=output, channels=channels, cuts=cuts,
                            extra_cuts=tuple(extra_cuts), chunk_size=chunk_size, val_fraction=val_fraction,
                            test_fraction=test_fraction, seed=seed, clip=clip, force=force, workers=workers,

@@ -40,8 +40,8 @@ def _tree(f: h5py.File) -> list[str]:
             shape = "SCALAR" if obj.shape == () else ", ".join(map(str, obj.shape))
             line = f"{path:24s} Dataset {{{shape}}} {obj.dtype}"
             if obj.ndim == 4:
-                line += (f" contiguous={obj.chunks is None} filters={obj.id.get_create_plist().get_nfilters()}"
-                         f" offset={obj.id.get_offset()}")
+                filters = obj.id.get_create_plist().get_nfilters()
+                line += f" contiguous={obj.chunks is None} filters={filters} offset={obj.id.get_offset()}"
             lines.append(line)
         else:
             lines.append(f"{path:24s} Group")
@@ -78,8 +78,9 @@ def describe(path) -> str:
                 lines.append(f"  {name:10s} {row[0]:14.6g} {row[1]:14.6g} {row[2]:14.6g} {row[3]:16.6g}")
             labels = sorted(k[: -len("_mean")] for k in stats if k.endswith("_mean") and k != "channel_mean")
             for label in labels:
-                lines.append(f"  {label:10s} mean {stats[label + '_mean']:.6g}  std {stats[label + '_std']:.6g}  "
-                             f"min {stats.get(label + '_min', np.nan):.6g}  max {stats.get(label + '_max', np.nan):.6g}")
+                low, high = stats.get(label + "_min", np.nan), stats.get(label + "_max", np.nan)
+                mean, std = stats[label + "_mean"], stats[label + "_std"]
+                lines.append(f"  {label:10s} mean {mean:.6g}  std {std:.6g}  min {low:.6g}  max {high:.6g}")
         if "source_files" in f.attrs:
             files = json.loads(f.attrs["source_files"])
             lines.append("sources: " + ", ".join(f"{e['name']} ({e['rows_kept']}/{e['rows_read']} rows kept)"

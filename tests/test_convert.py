@@ -23,9 +23,11 @@ from pipeline import layout
 from pipeline.convert import ConvertConfig, ConvertError, convert, read_parquet_chunks
 
 P = layout.IMAGE_SIZE
-# rounding hazards written into channel 3 of every row: float16 midpoints just above / below / exact (rounding
-# through float32 would get the first wrong), values in float16's subnormal range, a negative zero, an underflow
-HAZARDS = [1 + 2**-11 + 2**-40, 1 + 2**-11 - 2**-40, 1 + 2**-11, 3 * 2**-25 + 2**-45, 2**-20 + 2**-40, -0.0, 1e-9]
+# rounding hazards written into channel 3 of every row: float16 midpoints just above / below / exact
+# (rounding through float32 would get the first wrong), values in float16's subnormal range, a negative zero,
+# an underflow
+HAZARDS = [1 + 2**-11 + 2**-40, 1 + 2**-11 - 2**-40, 1 + 2**-11, 3 * 2**-25 + 2**-45, 2**-20 + 2**-40,
+           -0.0, 1e-9]
 
 
 def nested(images: np.ndarray) -> pa.Array:
@@ -48,12 +50,14 @@ def make_rows(n: int, seed: int, shape=(8, P, P)) -> tuple[np.ndarray, dict[str,
         images[:, 7] = rng.random((n,) + shape[1:]) * 100
         images[:, 3, 0, :len(HAZARDS)] = HAZARDS
     scalars = {"m": rng.uniform(0, 2, n), "pt": rng.uniform(10, 150, n),
-               "ieta": rng.integers(5, 50, n).astype(np.float64), "iphi": rng.integers(0, 72, n).astype(np.float64),
+               "ieta": rng.integers(5, 50, n).astype(np.float64),
+               "iphi": rng.integers(0, 72, n).astype(np.float64),
                "eta": rng.uniform(-2, 2, n)}
     return images, scalars
 
 
-def write_parquet(path, images, scalars, *, rows_per_group=1, image_name="X_jet", dtype=np.float64, names=None):
+def write_parquet(path, images, scalars, *, rows_per_group=1, image_name="X_jet", dtype=np.float64,
+                  names=None):
     names = names or {}
     columns = {image_name: nested(images.astype(dtype))}
     columns.update({names.get(k, k): v for k, v in scalars.items()})
@@ -76,7 +80,7 @@ def leftovers(directory) -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_files(tmp_path_factory):
-    """Two files named out of order on purpose: b holds 3 rows per row group, a is float32 with legacy names."""
+    """Two files named out of order on purpose: b holds 3 rows per row group, a is float32, legacy names."""
     d = tmp_path_factory.mktemp("raw")
     img_a, s_a = make_rows(18, seed=1)
     img_b, s_b = make_rows(20, seed=2)
@@ -186,8 +190,8 @@ def test_stats_equal_numpy_on_the_stored_train_rows(converted):
                                                              ("ecal", "track_pt", "pix3")])
     for name, v in labels.items():
         assert stats[f"{name}_count"] == len(train)
-        np.testing.assert_allclose([stats[f"{name}_sum"], stats[f"{name}_sumsq"], stats[f"{name}_mean"],
-                                    stats[f"{name}_std"]], [v.sum(), (v ** 2).sum(), v.mean(), v.std()], rtol=1e-12)
+        got = [stats[f"{name}_{k}"] for k in ("sum", "sumsq", "mean", "std")]
+        np.testing.assert_allclose(got, [v.sum(), (v ** 2).sum(), v.mean(), v.std()], rtol=1e-12)
         assert (stats[f"{name}_min"], stats[f"{name}_max"]) == (v.min(), v.max())
 
 
@@ -195,7 +199,8 @@ def test_layout_attributes_and_aliases(converted):
     out, _, summary = converted
     with h5py.File(out) as f:
         images = f["images"]
-        assert images.chunks is None and images.compression is None and not images.id.get_create_plist().get_nfilters()
+        assert images.chunks is None and images.compression is None
+        assert images.id.get_create_plist().get_nfilters() == 0
         assert images.id.get_offset() is not None                        # memory-mappable
         assert list(images.attrs["channels"]) == ["ecal", "track_pt", "pix3"]
         assert list(images.attrs["units"]) == ["GeV", "GeV", "hits"]
@@ -303,7 +308,7 @@ def _bad_file(tmp_path, kind):
         write_parquet(path, make_rows(5, seed=5, shape=(7, P, P))[0], s)
     elif kind == "null row":
         arr = nested(images)
-        arr = pa.ListArray.from_arrays(arr.offsets, arr.values, mask=pa.array([False, False, False, True, False]))
+        arr = pa.ListArray.from_arrays(arr.offsets, arr.values, mask=pa.array(np.arange(5) == 3))
         pq.write_table(pa.table({"X_jet": arr, **s}), path, row_group_size=1)
     elif kind == "null pixel":
         table = pa.table({"X_jet": nested(images), **s})
@@ -346,7 +351,8 @@ def _bad_file(tmp_path, kind):
 
 @pytest.mark.parametrize("kind, message", [
     ("no image column", r"bad.parquet: no image column \(X_jet or X_jets\); columns present: m, pt"),
-    ("wrong width", r"bad.parquet: row 0, channel 0 \(track_pt\): X_jet has 124 entries at depth 3 where 125"),
+    ("wrong width", r"bad.parquet: row 0, channel 0 \(track_pt\): X_jet has 124 entries at depth 3 where "
+                    r"125"),
     ("seven channels", r"bad.parquet: row 0: X_jet has 7 entries at depth 1 where 8 are expected"),
     ("null row", r"bad.parquet: row 3: X_jet holds a null row"),
     ("null pixel", r"bad.parquet: row 3, channel 2 \(d0\): null pixel value"),
@@ -377,7 +383,8 @@ def test_bad_input_gives_a_one_line_error_and_no_output(tmp_path, kind, message)
 def test_clip_saturates_but_nan_stays_an_error(tmp_path):
     path = _bad_file(tmp_path, "overflow")
     out = tmp_path / "out.h5"
-    summary = convert(ConvertConfig([str(path)], str(out), cuts="none", clip=True, channels=(2,), progress=False))
+    summary = convert(ConvertConfig([str(path)], str(out), cuts="none", clip=True, channels=(2,),
+                                    progress=False))
     assert summary.clipped == 1
     with h5py.File(out) as f:
         assert f["images"][3, 0, 60, 61] == np.float16(65504)
@@ -391,7 +398,8 @@ def test_clip_saturates_but_nan_stays_an_error(tmp_path):
     (dict(channels=(1, 1)), r"give each channel once"),
     (dict(cuts="nope"), r"unknown cut preset 'nope'"),
     (dict(extra_cuts=("pt =< 3",)), r"cannot read cut 'pt =< 3'"),
-    (dict(extra_cuts=("|phi| < 1",)), r"cut '\|phi\| < 1': column phi is not in .*columns present: m, pt, ieta"),
+    (dict(extra_cuts=("|phi| < 1",)),
+     r"cut '\|phi\| < 1': column phi is not in .*columns present: m, pt, ieta"),
     (dict(val_fraction=0.5, test_fraction=0.6), r"must be in \[0, 1\)"),
     (dict(shard="0/3"), r"shard '0/3': write I/N"),
     (dict(shard="2/99"), r"shard 2/99: the inputs hold only 1 chunks"),
@@ -419,10 +427,11 @@ def test_inputs_empty_directory_missing_path_and_duplicates(tmp_path):
     images, s = make_rows(3, seed=7)
     write_parquet(tmp_path / "empty" / "x.parquet", images, s)
     with pytest.raises(ConvertError, match="given twice"):
-        convert(ConvertConfig([str(tmp_path / "empty"), str(tmp_path / "empty" / "x.parquet")], str(tmp_path / "o.h5")))
+        convert(ConvertConfig([str(tmp_path / "empty"), str(tmp_path / "empty" / "x.parquet")],
+                              str(tmp_path / "o.h5")))
     del s["eta"]
     write_parquet(tmp_path / "empty" / "y.parquet", images, s)
-    with pytest.raises(ConvertError, match=r"y.parquet: scalar columns m, pt, ieta, iphi differ from those of"):
+    with pytest.raises(ConvertError, match=r"y.parquet: scalar columns m, pt, ieta, iphi differ from"):
         convert(ConvertConfig([str(tmp_path / "empty")], str(tmp_path / "o.h5"), cuts="none"))
     assert leftovers(tmp_path) == []
 
@@ -457,15 +466,16 @@ def test_interrupted_conversion_leaves_no_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(C, "_decode", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        convert(ConvertConfig([str(tmp_path)], str(out), cuts="none", chunk_size=2, force=True, progress=False))
+        convert(ConvertConfig([str(tmp_path)], str(out), cuts="none", chunk_size=2, force=True,
+                              progress=False))
     assert out.read_bytes() == b"old" and leftovers(tmp_path) == ["out.h5"]
 
 
 def test_cli_writes_and_summarises(two_files, tmp_path):
     d, _ = two_files
     out = tmp_path / "cli.h5"
-    result = CliRunner().invoke(C.main, [str(d / "b.parquet"), str(out), "--cuts", "none", "--channels", "ecal,0",
-                                         "--cut", "pt >= 30", "--seed", "7", "--chunk-size", "3"])
+    result = CliRunner().invoke(C.main, [str(d / "b.parquet"), str(out), "--cuts", "none", "--channels",
+                                         "ecal,0", "--cut", "pt >= 30", "--seed", "7", "--chunk-size", "3"])
     assert result.exit_code == 0, result.output
     assert "Read 20 rows from 1 file(s)" in result.output and "pt >= 30" in result.output
     with h5py.File(out) as f:
@@ -510,7 +520,8 @@ def test_channel_max_counts_the_unlisted_zeros(tmp_path):
 def test_generated_top_files_convert_to_their_pyarrow_decoded_rows(tmp_path):
     """On pipeline.synth's real-schema files, against pyarrow's own decoding to Python lists."""
     synth = pytest.importorskip("pipeline.synth")
-    paths = synth.generate(tmp_path / "raw", synth.SynthConfig(process="top", rows=5, files=2, seed=3, chunk_rows=5))
+    config = synth.SynthConfig(process="top", rows=5, files=2, seed=3, chunk_rows=5)
+    paths = synth.generate(tmp_path / "raw", config)
     out = tmp_path / "top.h5"
     summary = convert(ConvertConfig([str(tmp_path / "raw")], str(out), cuts="top", channels=tuple(range(8)),
                                     progress=False))
@@ -519,13 +530,14 @@ def test_generated_top_files_convert_to_their_pyarrow_decoded_rows(tmp_path):
                               for p in paths])                                   # (10, 8, 125, 125)
     with h5py.File(out) as f:
         np.testing.assert_array_equal(f["images"][()].view(np.uint16), f16_bits(decoded))
-        np.testing.assert_array_equal(f["labels/m"][()], np.concatenate([pq.read_table(p).column("m").to_numpy()
-                                                                         for p in paths]))
+        m = np.concatenate([pq.read_table(p).column("m").to_numpy() for p in paths])
+        np.testing.assert_array_equal(f["labels/m"][()], m)
 
 
 def test_first_alias_wins_wherever_it_sits(tmp_path):
     images, s = make_rows(3, seed=11)
-    table = pa.table({"am": s["m"] + 100, "X_jet": nested(images), "m": s["m"], "pt": s["pt"], "note": ["a"] * 3})
+    table = pa.table({"am": s["m"] + 100, "X_jet": nested(images), "m": s["m"], "pt": s["pt"],
+                      "note": ["a"] * 3})
     pq.write_table(table, tmp_path / "x.parquet", row_group_size=1)
     summary = convert(ConvertConfig([str(tmp_path / "x.parquet")], str(tmp_path / "o.h5"), cuts="none",
                                     progress=False))

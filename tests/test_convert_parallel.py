@@ -28,7 +28,8 @@ def read_all(path) -> dict:
     out = {}
     with h5py.File(path) as f:
         out.update({f"@{k}": v for k, v in f.attrs.items()})
-        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()])
+                     if isinstance(obj, h5py.Dataset) else None)
         for name in ("images", "labels", "split", "stats"):
             out.update({f"{name}@{k}": v for k, v in f[name].attrs.items()})
     return out
