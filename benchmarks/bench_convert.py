@@ -1,6 +1,6 @@
 """Benchmark pipeline.convert against the original write-up's method and the decode-only ceiling.
 
-Usage: python benchmarks/bench_convert.py [--rows 4096] [--rounds 3] [--workdir data/bench] [--no-profile]
+Usage: python benchmarks/bench_convert.py [--rows 4096] [--rounds 5] [--workdir data/bench] [--no-profile]
 
 On a generated `top` file (pipeline.synth, one row per row group, as the real files) of --rows rows, in one
 run:
@@ -9,13 +9,14 @@ run:
              in a list (it writes nothing, which only flatters it)
   ceiling    `read_row_groups` of the image column for the same chunks of 8 row groups, nothing else: decoding
              the nested doubles is the floor of this job (Parquet cannot skip the unused channels)
-  convert    `pipeline.convert.convert` (channels 0-3, --cuts top: every row kept) at chunk sizes 1, 8, 64,
-             and with 1 and 2 worker processes at chunk size 8
+  convert    `pipeline.convert.convert` (channels 0-3, --cuts top: every row kept) at chunk sizes 1, 8, 64
+             with its default 2 reader threads, and at chunk size 8 with 1 thread and with 2 worker processes
 Every measurement runs in a fresh process (so that its peak RSS is its own) and the methods take turns for
 --rounds rounds; the best round of each is reported (the machine may be shared), with the CPU seconds used
-(user + sys, workers included), which load disturbs less. Peak RSS is measured again on an input twice as
-large: two files of --rows rows, and one file of 2 x --rows rows. Then a profile of where the converter's
-time goes beyond decoding.
+(user + sys, workers included), which load disturbs less, and the spread of the per-round ratio of convert
+chunk 8 to the ceiling (the two run within a minute of each other in every round). Peak RSS is measured
+again on an input twice as large: two files of --rows rows, and one file of 2 x --rows rows. Then a profile
+of where the converter's time goes beyond decoding.
 """
 from __future__ import annotations
 
@@ -76,9 +77,9 @@ def ceiling(path: str, chunk: int = 8) -> int:
     return rows
 
 
-def ours(path: str, chunk: int = 8, workers: int = 1, out: str = "") -> int:
+def ours(path: str, chunk: int = 8, workers: int = 1, threads: int = 2, out: str = "") -> int:
     summary = C.convert(C.ConvertConfig([path], out, channels=CHANNELS, cuts="top", chunk_size=chunk,
-                                        workers=workers, force=True, progress=False))
+                                        threads=threads, workers=workers, force=True, progress=False))
     return summary.rows_kept
 
 
@@ -127,14 +128,14 @@ def _watch(record: dict, stop: threading.Event) -> None:
             record["cpu"][k] = max(record["cpu"].get(k, 0.0), _cpu_seconds(k))
 
 
-def _child(method: str, path: str, chunk: int, workers: int, out: str) -> None:
+def _child(method: str, path: str, chunk: int, workers: int, threads: int, out: str) -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     record, stop = {"rss_kb": 0, "n": 0, "cpu": {}}, threading.Event()
     watcher = threading.Thread(target=_watch, args=(record, stop), daemon=True)
     watcher.start()
     t0 = time.perf_counter()
     rows = {"original": original, "ceiling": ceiling}[method](path, chunk) if method != "convert" \
-        else ours(path, chunk, workers, out)
+        else ours(path, chunk, workers, threads, out)
     seconds = time.perf_counter() - t0
     stop.set()
     watcher.join()
@@ -145,11 +146,12 @@ def _child(method: str, path: str, chunk: int, workers: int, out: str) -> None:
                       "helpers_rss_mb": record["rss_kb"] / 1024, "helpers": record["n"]}))
 
 
-def measure(method: str, path: Path, chunk: int = 8, workers: int = 1, out: Path | None = None) -> dict:
+def measure(method: str, path: Path, chunk: int = 8, workers: int = 1, threads: int = 2,
+            out: Path | None = None) -> dict:
     if out is not None:
         out.unlink(missing_ok=True)   # replacing a 500 MB file takes ~0.4 s of the kernel's time: not ours
     cmd = [sys.executable, __file__, "--child", method, str(path), "--chunk", str(chunk),
-           "--workers", str(workers), "--out", str(out or "")]
+           "--workers", str(workers), "--threads", str(threads), "--out", str(out or "")]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{method} failed:\n{done.stderr}")
@@ -250,13 +252,16 @@ def generated(workdir: Path, rows: int) -> Path:
     return out / synth.file_name("top", 0)
 
 
-RUNS = {"original": ("original", 8, 1), "ceiling": ("ceiling", 8, 1),
-        "convert chunk 1": ("convert", 1, 1), "convert chunk 8": ("convert", 8, 1),
-        "convert chunk 64": ("convert", 64, 1), "convert chunk 8, 2 workers": ("convert", 8, 2)}
-SHORT = dict(zip(["original", "ceiling", "chunk1", "chunk8", "chunk64", "workers2"], RUNS))
+# name -> (method, chunk size, worker processes, reader threads)
+RUNS = {"original": ("original", 8, 1, 1), "ceiling": ("ceiling", 8, 1, 1),
+        "convert chunk 1": ("convert", 1, 1, 2), "convert chunk 8": ("convert", 8, 1, 2),
+        "convert chunk 64": ("convert", 64, 1, 2), "convert chunk 8, 1 thread": ("convert", 8, 1, 1),
+        "convert chunk 8, 2 workers": ("convert", 8, 2, 1)}
+SHORT = dict(zip(["original", "ceiling", "chunk1", "chunk8", "chunk64", "thread1", "workers2"], RUNS))
 
 
-def report(rows: int, rounds: int, best: dict, cpu_best: dict, double: dict, double_long: dict) -> list[str]:
+def report(rows: int, rounds: int, best: dict, cpu_best: dict, double: dict, double_long: dict,
+           per_round: dict) -> list[str]:
     """The table and the ratios against the targets."""
     lines = [f"bench_convert: {rows} rows (top, one row per row group, channels 0-3), best of {rounds} "
              f"rounds, "
@@ -280,13 +285,25 @@ def report(rows: int, rounds: int, best: dict, cpu_best: dict, double: dict, dou
                      f"{m['rows_per_s'] / ceil:.2f} | {1e3 * cpu_best[name] / m['rows']:.2f} | "
                      f"{m['cpu'] / m['seconds']:.2f} | {rss(m, name)} | {rss(double.get(name), name)} | "
                      f"{rss(double_long.get(name), name)} |")
+
+    def ratio(a: str, b: str, target: str = "") -> None:
+        """a / b twice: best round over best round, and the median of the per-round ratios. The machine's
+        speed can change by 1.5x within minutes; two methods of the same round ran at most a minute apart,
+        so the paired median is the steadier figure."""
+        if a not in best or b not in best:
+            return
+        pairs = np.array(per_round[a]) / np.array(per_round[b])
+        lines.append(f"{a} / {b}: {best[a]['rows_per_s'] / best[b]['rows_per_s']:.2f}x best over best, "
+                     f"{np.median(pairs):.2f}x median of the rounds ({', '.join(f'{r:.2f}' for r in pairs)})"
+                     + (f"; target >= {target}" if target else ""))
+
     if "convert chunk 8" in best:
-        ours8 = best["convert chunk 8"]["rows_per_s"]
-        lines.append(f"\nconvert chunk 8: {ours8 / orig:.2f}x the original method (target >= 1.5), "
-                     f"{ours8 / ceil:.2f}x the decode-only ceiling (target >= 0.75)")
-        if "convert chunk 8, 2 workers" in best:
-            speedup = best["convert chunk 8, 2 workers"]["rows_per_s"] / ours8
-            lines.append(f"2 workers: {speedup:.2f}x 1 worker (target >= 1.5)")
+        lines.append("")
+        ratio("convert chunk 8", "original", "1.5")
+        ratio("convert chunk 8", "ceiling", "0.75")
+        ratio("convert chunk 8", "convert chunk 8, 1 thread")
+        ratio("convert chunk 8, 2 workers", "convert chunk 8, 1 thread", "1.5 (2 workers over 1 thread)")
+        ratio("convert chunk 8, 2 workers", "convert chunk 8")
         per_row = {k: cpu_best[k] / best[k]["rows"] for k in best}
         if "original" in per_row and "ceiling" in per_row:
             ours = per_row["convert chunk 8"]
@@ -305,7 +322,8 @@ def report(rows: int, rounds: int, best: dict, cpu_best: dict, double: dict, dou
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--rows", type=int, default=4096, show_default=True, help="Rows of the generated file.")
-@click.option("--rounds", type=int, default=3, show_default=True, help="Rounds of turns; the best is kept.")
+@click.option("--rounds", type=int, default=5, show_default=True,
+              help="Rounds of turns; the best of each method and the per-round ratios are reported.")
 @click.option("--workdir", type=click.Path(path_type=Path), default=ROOT / "data" / "bench",
               show_default=True)
 @click.option("--only", "only", multiple=True, type=click.Choice(list(SHORT)),
@@ -316,10 +334,11 @@ def report(rows: int, rounds: int, best: dict, cpu_best: dict, double: dict, dou
 @click.argument("child_path", required=False)
 @click.option("--chunk", type=int, default=8, hidden=True)
 @click.option("--workers", type=int, default=1, hidden=True)
+@click.option("--threads", type=int, default=2, hidden=True)
 @click.option("--out", default="", hidden=True)
-def main(rows, rounds, workdir, only, do_rss, do_profile, child, child_path, chunk, workers, out):
+def main(rows, rounds, workdir, only, do_rss, do_profile, child, child_path, chunk, workers, threads, out):
     if child:
-        _child(child, child_path, chunk, workers, out)
+        _child(child, child_path, chunk, workers, threads, out)
         return
     workdir.mkdir(parents=True, exist_ok=True)
     one = generated(workdir, rows)
@@ -327,6 +346,7 @@ def main(rows, rounds, workdir, only, do_rss, do_profile, child, child_path, chu
     names = [SHORT[k] for k in only] if only else list(RUNS)
     best: dict[str, dict] = {}
     cpu_best: dict[str, float] = {}
+    per_round: dict[str, list[float]] = {}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:     # a different order each round
             m = measure(RUNS[name][0], one, *RUNS[name][1:], out)
@@ -336,6 +356,7 @@ def main(rows, rounds, workdir, only, do_rss, do_profile, child, child_path, chu
             if name not in best or m["rows_per_s"] > best[name]["rows_per_s"]:
                 best[name] = m
             cpu_best[name] = min(cpu_best.get(name, np.inf), m["cpu"])
+            per_round.setdefault(name, []).append(m["rows_per_s"])
     double, double_long = {}, {}
     if do_rss:
         # twice the input as the real data grows, in files (two of --rows rows), and as one file of twice the
@@ -352,7 +373,7 @@ def main(rows, rounds, workdir, only, do_rss, do_profile, child, child_path, chu
         double_long = {name: measure(RUNS[name][0], long, *RUNS[name][1:], out) for name in doubled}
     out.unlink(missing_ok=True)
     print()
-    print("\n".join(report(rows, rounds, best, cpu_best, double, double_long)))
+    print("\n".join(report(rows, rounds, best, cpu_best, double, double_long, per_round)))
     if do_profile:
         print()
         print("\n".join(profile(one, min(rows, 1024))))

@@ -1,7 +1,7 @@
 """Convert CMS end-to-end Parquet files into one training-ready HDF5 file.
 
 Usage: python -m pipeline.convert RAW... OUT.h5 [--cuts paper|top|none] [--cut '|eta| < 1.4']
-       [--channels 0,1,2,3] [--workers N] [--shard I/N] [--clip] [--force]
+       [--channels 0,1,2,3] [--threads 2] [--workers N] [--shard I/N] [--clip] [--force]
 
 RAW is a directory (its `*.parquet`) or a Parquet file, any number of them; all files are taken in order of
 their names, then in row order, and the rows that pass the cuts are written in that order.
@@ -16,8 +16,10 @@ and the statistics are those of `pipeline.layout` (read its docstring).
 Sparsity: the images are > 95 % zeros, so each channel's nonzero values are found with one integer compare
 and only they are rounded (numpy's exact cast), range-checked, summed into the statistics and sent back by a
 worker; a channel over a quarter nonzero is rounded whole. Everything beyond decoding costs ~0.3 ms a row
-at 4 channels against ~1.2 ms of decoding (README, "Converter performance"). In one process a reader thread
-decodes the next chunk (pyarrow releases the GIL) while this one is checked and written.
+at 4 channels against ~1.2 ms of decoding (README, "Converter performance"). In one process `--threads`
+reader threads (default 2) decode the next chunks, each through its own reader over the one parsed footer
+(pyarrow releases the GIL, and a reader must not be shared between threads), while this thread checks,
+rounds and writes the chunk before them.
 
 Parallel (`--workers N`): N worker processes (forked from a forkserver, never from the parent, which holds
 the HDF5 file) decode, check and round chunks, 2 per worker in flight; the parent alone writes them, in
@@ -37,6 +39,7 @@ import math
 import multiprocessing
 import os
 import re
+import threading
 import time
 import warnings
 from collections import deque
@@ -69,7 +72,7 @@ CUT_PRESETS = {
     "top": ("85 <= m <= 500", "400 <= pt <= 1000"),
     "none": (),
 }
-EXECUTION_ONLY = ("workers", "force", "progress")  # config fields that cannot change the output file
+EXECUTION_ONLY = ("threads", "workers", "force", "progress")   # config fields that cannot change the output
 PARALLEL_SCAN_BYTES = 1 << 30   # inputs above this size (and of 2+ files) are scanned in the worker pool
 TASK_CHUNKS = 4                 # chunks per task sent to a worker process
 
@@ -100,6 +103,7 @@ class ConvertConfig:
     seed: int = 42
     clip: bool = False                         # saturate values beyond float16's range instead of failing
     force: bool = False                        # replace an existing output
+    threads: int = 2                           # decoding threads in this process (with workers = 1)
     workers: int = 1                           # decoding processes (1 = in this process)
     shard: str | None = None                   # "I/N": convert the I-th (1-based) of N parts of the inputs
     progress: bool | None = None               # tqdm bars; None = only when stderr is a terminal
@@ -386,7 +390,6 @@ class _Chunk:
     channels: tuple[int, ...]
     clip: bool
     scalars: dict[str, str] = field(default_factory=dict)   # canonical -> source columns to return too
-    use_threads: bool = True           # pyarrow's threads; off in worker processes (one core each)
 
 
 @dataclass
@@ -499,10 +502,12 @@ def to_float16(values: np.ndarray) -> np.ndarray:
         return values.astype(np.float16)
 
 
-def _read_chunk(chunk: _Chunk) -> pa.Table:
-    """Decode the chunk's row groups (pyarrow, which releases the GIL): the image column and any scalars."""
+def _read_chunk(chunk: _Chunk, pf: pq.ParquetFile | None = None) -> pa.Table:
+    """Decode the chunk's row groups (pyarrow, which releases the GIL): the image column and any scalars.
+    pyarrow's own threads stay off: a single column is decoded on one thread anyway, and they cost ~15 % more
+    CPU; the parallelism is ours, over chunks (`_prefetched`, `--workers`)."""
     columns = [chunk.image_column] + [c for c in chunk.scalars.values() if c != chunk.image_column]
-    return _read(_cached_parquet(chunk.path), chunk.path, chunk.groups, columns, chunk.use_threads)
+    return _read(pf or _cached_parquet(chunk.path), chunk.path, chunk.groups, columns, use_threads=False)
 
 
 def _decode(chunk: _Chunk, table: pa.Table) -> _Result:
@@ -650,10 +655,31 @@ def _start_pool(workers: int) -> ProcessPoolExecutor:
     return pool
 
 
-def _prefetched(chunks: Iterator[_Chunk]) -> Iterator[_Result]:
-    """One process: a reader thread decodes chunk k + 1 (pyarrow releases the GIL) while this thread checks,
-    rounds and writes chunk k, so decoding, ~80 % of the work, runs back to back (~1.2 cores busy)."""
-    with ThreadPoolExecutor(1, thread_name_prefix="parquet-reader") as reader:
+class _ThreadReaders:
+    """Per reader thread, its own `ParquetFile` of the current file, opened over the footer this process
+    parsed once (`_cached_parquet`): an Arrow file reader must not be used by two threads at once, and
+    reopening with a parsed footer costs ~50 us where parsing a real one costs ~1 s and hundreds of MB."""
+
+    def __init__(self):
+        self.local = threading.local()
+
+    def read(self, chunk: _Chunk, metadata: pq.FileMetaData) -> pa.Table:
+        mine = getattr(self.local, "file", None)
+        if mine is None or mine[0] != chunk.path:
+            try:
+                mine = self.local.file = (chunk.path, pq.ParquetFile(chunk.path, metadata=metadata))
+            except (pa.ArrowException, OSError) as exc:
+                raise ConvertError(f"{chunk.path}: cannot reopen for reading ({_one_line(exc)})") from None
+        return _read_chunk(chunk, mine[1])
+
+
+def _prefetched(chunks: Iterator[_Chunk], threads: int = 2) -> Iterator[_Result]:
+    """One process, results in chunk order: `threads` reader threads decode the next chunks (pyarrow releases
+    the GIL) while this thread checks, rounds and hands out the chunk before them. Decoding is ~85 % of the
+    work, so on 2 cores 2 readers run ~1.7x faster than one (README, "Converter performance"); `threads`
+    chunks are in flight, each ~1 MB a row decoded."""
+    readers = _ThreadReaders()
+    with ThreadPoolExecutor(threads, thread_name_prefix="parquet-reader") as pool:
         pending: deque = deque()
         try:
             for chunk in chunks:
@@ -663,9 +689,9 @@ def _prefetched(chunks: Iterator[_Chunk]) -> Iterator[_Result]:
                     while pending:
                         done, table = pending.popleft()
                         yield _decode(done, table.result())
-                _cached_parquet(chunk.path)
-                pending.append((chunk, reader.submit(_read_chunk, chunk)))
-                if len(pending) > 1:
+                metadata = _cached_parquet(chunk.path).metadata
+                pending.append((chunk, pool.submit(readers.read, chunk, metadata)))
+                if len(pending) > threads:
                     chunk, table = pending.popleft()
                     yield _decode(chunk, table.result())
             while pending:
@@ -692,12 +718,14 @@ def _batches(chunks: Iterator[_Chunk], size: int) -> Iterator[list[_Chunk]]:
         yield batch
 
 
-def _results(chunks: Iterator[_Chunk], pool: ProcessPoolExecutor | None, workers: int) -> Iterator[_Result]:
-    """Results in chunk order: from this process, or from the pool, TASK_CHUNKS chunks per task (pickling a
-    task and its result costs ~0.5 ms; per chunk of 8 rows that was 10 % of the work) and 2 tasks per worker
-    in flight, so that memory stays flat while the parent writes."""
+def _results(chunks: Iterator[_Chunk], pool: ProcessPoolExecutor | None, workers: int, threads: int
+             ) -> Iterator[_Result]:
+    """Results in chunk order: from this process's `threads` readers, or from the pool, TASK_CHUNKS chunks per
+    task (pickling a task and its result costs ~0.5 ms; per chunk of 8 rows that was 10 % of the work) and 2
+    tasks per worker in flight, so that memory stays flat while the parent writes. A worker decodes on one
+    thread: it has one core."""
     if pool is None:
-        yield from _prefetched(chunks)
+        yield from _prefetched(chunks, threads)
         return
     pending: deque = deque()
     try:
@@ -716,7 +744,7 @@ def _results(chunks: Iterator[_Chunk], pool: ProcessPoolExecutor | None, workers
 
 
 def read_parquet_chunks(path, *, channels: Sequence[int | str] = (0, 1, 2, 3), chunk_size: int = 8,
-                        clip: bool = False, rows: np.ndarray | None = None
+                        clip: bool = False, rows: np.ndarray | None = None, threads: int = 2
                         ) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
     """Decode one Parquet file chunk by chunk, with the converter's checks, without writing anything.
 
@@ -726,6 +754,8 @@ def read_parquet_chunks(path, *, channels: Sequence[int | str] = (0, 1, 2, 3), c
     channels = parse_channels(channels)
     if chunk_size < 1:
         raise ConvertError(f"chunk_size {chunk_size}: it must be at least 1")
+    if threads < 1:
+        raise ConvertError(f"threads {threads}: it must be at least 1")
     src = _inspect(Path(path))
     starts = src.group_starts
     if rows is None:
@@ -735,10 +765,11 @@ def read_parquet_chunks(path, *, channels: Sequence[int | str] = (0, 1, 2, 3), c
         if wanted.ndim != 1 or (wanted.size and (np.any(np.diff(wanted) <= 0) or wanted[0] < 0
                                                  or wanted[-1] >= src.num_rows)):
             raise ConvertError(f"{path}: rows must be sorted, unique row numbers in 0..{src.num_rows - 1}")
+    chunks = list(_file_chunks(src, wanted, None, chunk_size, channels, clip, src.scalars))
     try:
-        for first, chunk in _file_chunks(src, wanted, None, chunk_size, channels, clip, src.scalars):
-            result = _run_chunk(chunk)
-            yield first, result.dense(), result.scalars
+        with closing(_prefetched((chunk for _, chunk in chunks), threads)) as results:   # readers stop first
+            for (first, _), result in zip(chunks, results):
+                yield first, result.dense(), result.scalars
     finally:
         _cached_parquet.cache_clear()
 
@@ -846,6 +877,8 @@ def _validate(config: ConvertConfig) -> tuple[tuple[int, ...], tuple[int, int] |
         raise ConvertError(f"chunk size {config.chunk_size}: it must be at least 1")
     if int(config.workers) < 1:
         raise ConvertError(f"workers {config.workers}: it must be at least 1")
+    if int(config.threads) < 1:
+        raise ConvertError(f"threads {config.threads}: it must be at least 1")
     try:
         layout.split_codes("x", np.zeros(0), seed=config.seed, val_fraction=config.val_fraction,
                            test_fraction=config.test_fraction)
@@ -1019,11 +1052,10 @@ def _write_images(images: h5py.Dataset, plan: _Plan, config: ConvertConfig, chan
     c = len(channels)
     sums, sumsqs, maxes, n_train, clipped, offset = np.zeros(c), np.zeros(c), np.full(c, -np.inf), 0, 0, 0
     train = plan.codes == 0
-    chunks = _all_chunks(plan.sources, plan.scans, train, int(config.chunk_size), channels, config.clip,
-                         use_threads=pool is None)
+    chunks = _all_chunks(plan.sources, plan.scans, train, int(config.chunk_size), channels, config.clip)
     buffer = np.zeros((0, c, PIXELS), np.float16)
     with tqdm(total=plan.n, desc="convert", unit="row", disable=bar_off) as bar, \
-            closing(_results(chunks, pool, int(config.workers))) as results:
+            closing(_results(chunks, pool, int(config.workers), int(config.threads))) as results:
         for result in results:
             if len(buffer) < result.n:
                 buffer = np.zeros((result.n, c, PIXELS), np.float16)
@@ -1093,14 +1125,13 @@ def _write_attrs(h5: h5py.File, plan: _Plan, config: ConvertConfig, channels: tu
 
 
 def _all_chunks(sources: list[_Source], scans: list[_Scan], train: np.ndarray, chunk_size: int,
-                channels: tuple[int, ...], clip: bool, use_threads: bool) -> Iterator[_Chunk]:
+                channels: tuple[int, ...], clip: bool) -> Iterator[_Chunk]:
     """Pass 2's chunks, lazily (a 150,000-row file has ~19,000 of them), files in order."""
     start = 0
     for src, scan in zip(sources, scans):
         k = len(scan.rows)
         if k:
             for _, chunk in _file_chunks(src, scan.rows, train[start:start + k], chunk_size, channels, clip):
-                chunk.use_threads = use_threads
                 yield chunk
         start += k
 
@@ -1146,16 +1177,19 @@ Examples:
 @click.option("--clip", is_flag=True, help="Saturate values beyond float16's range (+-65504) and count them, "
                                            "instead of failing. NaN and inf are always errors.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--threads", type=int, default=2, show_default=True,
+              help="Threads decoding chunks in this process (with --workers 1); the output is identical for "
+                   "any number.")
 @click.option("--workers", type=int, default=1, show_default=True,
-              help="Processes decoding chunks; the output is identical for any number.")
+              help="Processes decoding chunks, one thread each; the output is identical for any number.")
 @click.option("--shard", default=None, metavar="I/N",
               help="Convert only the I-th (1-based) of N contiguous parts of the inputs' row-group chunks.")
 def main(inputs, output, channels, cuts, extra_cuts, chunk_size, val_fraction, test_fraction, seed, clip,
-         force, workers, shard):
+         force, threads, workers, shard):
     config = ConvertConfig(inputs=list(inputs), output=output, channels=channels, cuts=cuts,
                            extra_cuts=tuple(extra_cuts), chunk_size=chunk_size, val_fraction=val_fraction,
-                           test_fraction=test_fraction, seed=seed, clip=clip, force=force, workers=workers,
-                           shard=shard)
+                           test_fraction=test_fraction, seed=seed, clip=clip, force=force, threads=threads,
+                           workers=workers, shard=shard)
     try:
         config.channels = parse_channels(channels)
         summary = convert(config)

@@ -404,6 +404,8 @@ def test_clip_saturates_but_nan_stays_an_error(tmp_path):
     (dict(shard="0/3"), r"shard '0/3': write I/N"),
     (dict(shard="2/99"), r"shard 2/99: the inputs hold only 1 chunks"),
     (dict(chunk_size=0), r"chunk size 0"),
+    (dict(threads=0), r"threads 0: it must be at least 1"),
+    (dict(workers=0), r"workers 0: it must be at least 1"),
     (dict(cuts="top"), r"no row of 5 passes the cuts \(85 <= m <= 500: observed 0\.\d+ to 1\.\d+; "
                        r"400 <= pt <= 1000: observed \d+\.?\d* to \d+"),
 ])
