@@ -246,6 +246,11 @@ def test_recipes_and_overrides():
     assert (c.recipe, c.lr, c.loss, c.batch_size) == ("seed", 3e-4, "l1", 32)
     assert c.overrides == ("device", "loss", "lr")
     assert build_config(data=("x.h5",)).recipe == "default" and TrainConfig().model == "seed"
+    # the default recipe's peak lr follows the model (seed 1e-4: 1e-3 barely trains it), unless --lr is given
+    assert build_config(data=("x.h5",)).lr == 1e-4
+    assert build_config(data=("x.h5",), model="tiny").lr == build_config(data=("x.h5",), model="small").lr == 1e-3
+    c = build_config(data=("x.h5",), model="seed", lr=5e-4)
+    assert c.lr == 5e-4 and "lr" in c.overrides and build_config("seed", data=("x.h5",), model="tiny").lr == 1e-3
 
 
 @pytest.mark.parametrize("options, message", [
