@@ -504,8 +504,8 @@ def to_float16(values: np.ndarray) -> np.ndarray:
 
 def _read_chunk(chunk: _Chunk, pf: pq.ParquetFile | None = None) -> pa.Table:
     """Decode the chunk's row groups (pyarrow, which releases the GIL): the image column and any scalars.
-    pyarrow's own threads stay off: a single column is decoded on one thread anyway, and they cost ~15 % more
-    CPU; the parallelism is ours, over chunks (`_prefetched`, `--workers`)."""
+    pyarrow's own threads stay off: a single column is decoded on one thread anyway, and with two readers they
+    cost 15-20 % more CPU; the parallelism is ours, over chunks (`_prefetched`, `--workers`)."""
     columns = [chunk.image_column] + [c for c in chunk.scalars.values() if c != chunk.image_column]
     return _read(pf or _cached_parquet(chunk.path), chunk.path, chunk.groups, columns, use_threads=False)
 
@@ -658,25 +658,30 @@ def _start_pool(workers: int) -> ProcessPoolExecutor:
 class _ThreadReaders:
     """Per reader thread, its own `ParquetFile` of the current file, opened over the footer this process
     parsed once (`_cached_parquet`): an Arrow file reader must not be used by two threads at once, and
-    reopening with a parsed footer costs ~50 us where parsing a real one costs ~1 s and hundreds of MB."""
+    reopening with a parsed footer costs ~50 us where parsing a real one costs ~1 s and hundreds of MB.
+    `forget()` drops them all (only while no read is in flight), so that an old footer dies with its file."""
 
     def __init__(self):
-        self.local = threading.local()
+        self.files: dict[int, tuple[str, pq.ParquetFile]] = {}    # reader thread id -> (path, its reader)
 
     def read(self, chunk: _Chunk, metadata: pq.FileMetaData) -> pa.Table:
-        mine = getattr(self.local, "file", None)
+        me = threading.get_ident()
+        mine = self.files.get(me)
         if mine is None or mine[0] != chunk.path:
             try:
-                mine = self.local.file = (chunk.path, pq.ParquetFile(chunk.path, metadata=metadata))
+                mine = self.files[me] = (chunk.path, pq.ParquetFile(chunk.path, metadata=metadata))
             except (pa.ArrowException, OSError) as exc:
                 raise ConvertError(f"{chunk.path}: cannot reopen for reading ({_one_line(exc)})") from None
         return _read_chunk(chunk, mine[1])
+
+    def forget(self) -> None:
+        self.files.clear()
 
 
 def _prefetched(chunks: Iterator[_Chunk], threads: int = 2) -> Iterator[_Result]:
     """One process, results in chunk order: `threads` reader threads decode the next chunks (pyarrow releases
     the GIL) while this thread checks, rounds and hands out the chunk before them. Decoding is ~85 % of the
-    work, so on 2 cores 2 readers run ~1.7x faster than one (README, "Converter performance"); `threads`
+    work; on 2 cores 2 readers convert ~1.4x faster than one (README, "Converter performance"). `threads`
     chunks are in flight, each ~1 MB a row decoded."""
     readers = _ThreadReaders()
     with ThreadPoolExecutor(threads, thread_name_prefix="parquet-reader") as pool:
@@ -689,6 +694,7 @@ def _prefetched(chunks: Iterator[_Chunk], threads: int = 2) -> Iterator[_Result]
                     while pending:
                         done, table = pending.popleft()
                         yield _decode(done, table.result())
+                    readers.forget()
                 metadata = _cached_parquet(chunk.path).metadata
                 pending.append((chunk, pool.submit(readers.read, chunk, metadata)))
                 if len(pending) > threads:
