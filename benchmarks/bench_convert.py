@@ -163,8 +163,9 @@ def measure(method: str, path: Path, chunk: int = 8, workers: int = 1, threads: 
 # ----------------------------------------------------------------------------------------------------------
 
 def profile(path: Path, rows: int) -> list[str]:
-    """CPU time per row of each stage of the converter's chunk loop (chunk size 8, channels 0-3), then the
-    float64 -> float16 cast of the same dense 4-channel block done four ways."""
+    """CPU time per row of each stage of the converter's chunk loop (chunk size 8, channels 0-3, one thread,
+    pyarrow's threads off as in the converter), then the float64 -> float16 cast of the same dense 4-channel
+    block done four ways."""
     import h5py
     import torch
 
@@ -185,7 +186,7 @@ def profile(path: Path, rows: int) -> list[str]:
         offset = 0
         for _, chunk in C._file_chunks(src, kept, np.ones(rows, bool), 8, CHANNELS, False):
             t = time.process_time()
-            table = pf.read_row_groups(chunk.groups.tolist(), columns=["X_jet"])
+            table = pf.read_row_groups(chunk.groups.tolist(), columns=["X_jet"], use_threads=False)
             tick("decode (read_row_groups)", t)
             t = time.process_time()
             flat = C._flat_images(table.column(0), str(path), "X_jet", chunk.table_rows)
