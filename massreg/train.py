@@ -100,8 +100,9 @@ RECIPES: dict[str, dict] = {
                     grad_clip=1.0, norm="reference", aux=True, flips=True),
 }
 # The default recipe's peak learning rate by model preset, unless --lr is given. Measured on 7,000 generated
-# top rows, 8 channels, a 30-epoch schedule (README, "On a GPU"): the 43 M-parameter `seed` reached a test MAE of 0.85 x
-# the constant prediction at 1e-3, 0.75 at 3e-4 and 0.57 at 1e-4; `tiny` trains well at 1e-3 and not at 3e-3.
+# top rows, 8 channels, a 30-epoch schedule (README, "On a GPU"): the 43 M-parameter `seed` reached a test
+# MAE of 0.85x the constant prediction at 1e-3, 0.75x at 3e-4 and 0.57x at 1e-4; `tiny` trains well at 1e-3
+# and not at 3e-3.
 DEFAULT_LR = {"tiny": 1e-3, "small": 1e-3, "seed": 1e-4}
 CHOICES = {"recipe": tuple(RECIPES), "optimizer": ("adam", "adamw"), "schedule": ("cosine", "exponential", "constant"),
            "loss": ("mse", "l1", "huber"), "norm": ("stats", "reference"), "device": ("auto", "cpu", "cuda")}
