@@ -16,7 +16,6 @@ schema metadata).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -96,26 +95,16 @@ def input_kind(path: Path) -> str:
 
 
 def expand_inputs(inputs) -> list[tuple[str, str]]:
-    """[(path as given or found in a directory, kind)]; a directory stands for its *.parquet, sorted by name."""
-    out = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.glob("*.parquet") if p.is_file())
-            if not found:
-                raise PredictError(f"{path}: directory holds no *.parquet files; check the path")
-            out += [(str(p), "parquet") for p in found]
-        elif path.is_file():
-            out.append((str(path), input_kind(path)))
-        else:
-            raise PredictError(f"{path}: no such file or directory")
-    seen = {}
-    for p, _ in out:
-        real = os.path.realpath(p)
-        if real in seen:
-            raise PredictError(f"{p}: given twice (as {seen[real]} too); give each input once")
-        seen[real] = p
-    return out
+    """[(path as given or found in a directory, kind)] in the order given: the converter's expansion (a
+    directory stands for its *.parquet, sorted by name; each file once), each kind by its magic bytes."""
+    from pipeline.convert import ConvertError
+    from pipeline.convert import expand_inputs as expand
+
+    try:
+        paths = expand(inputs)
+    except ConvertError as exc:
+        raise PredictError(str(exc)) from None
+    return [(str(p), input_kind(p)) for p in paths]
 
 
 def parquet_cuts(config: PredictConfig, path: str) -> tuple[list, list[str]]:

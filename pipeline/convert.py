@@ -253,10 +253,10 @@ class _Source:
         return len(self.group_starts) - 1
 
 
-def resolve_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Directories (their *.parquet) and files -> files sorted by name (then path); ConvertError if none."""
-    if not inputs:
-        raise ConvertError("no input given: pass Parquet files or directories holding *.parquet files")
+def expand_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Files and directories (each standing for its *.parquet, sorted by name) -> files, in the order given
+    and as given; ConvertError for a missing path, a directory without *.parquet, or a file given twice.
+    `massreg.predict` expands its inputs with it too."""
     files = []
     for item in inputs:
         path = Path(item)
@@ -269,11 +269,21 @@ def resolve_inputs(inputs: Sequence[str]) -> list[Path]:
             files.append(path)
         else:
             raise ConvertError(f"{path}: no such file or directory")
-    resolved = [p.resolve() for p in files]
-    if len(set(resolved)) != len(resolved):
-        twice = next(p for p in resolved if resolved.count(p) > 1)
-        raise ConvertError(f"{twice}: given twice (directly and/or through a directory); give each file once")
-    return sorted(resolved, key=lambda p: (p.name, str(p)))
+    seen: dict[Path, Path] = {}
+    for path in files:
+        real = path.resolve()
+        if real in seen:
+            raise ConvertError(f"{path}: given twice (as {seen[real]} too, directly and/or through a "
+                               f"directory); give each file once")
+        seen[real] = path
+    return files
+
+
+def resolve_inputs(inputs: Sequence[str]) -> list[Path]:
+    """The converter's inputs: `expand_inputs`, resolved and sorted by file name (then path)."""
+    if not inputs:
+        raise ConvertError("no input given: pass Parquet files or directories holding *.parquet files")
+    return sorted((p.resolve() for p in expand_inputs(inputs)), key=lambda p: (p.name, str(p)))
 
 
 def _one_line(exc: BaseException) -> str:

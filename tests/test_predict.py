@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -110,11 +111,15 @@ def test_bad_inputs_one_line(world, tmp_path):
     exists = tmp_path / "exists.csv"
     exists.write_text("keep me")
     out = str(tmp_path / "o.csv")
+    empty = tmp_path / "empty"
+    empty.mkdir()
     cases = [
         ([ckpt, raw[0], "--out", str(exists)], ["exists.csv", "--force"]),
         ([ckpt, raw[0], "--out", str(tmp_path / "o.txt")], [".csv or .parquet"]),
         ([ckpt, str(text), "--out", out], [str(text), "neither a Parquet nor an HDF5"]),
         ([ckpt, str(tmp_path / "gone.parquet"), "--out", out], ["gone.parquet", "no such file"]),
+        ([ckpt, raw[0], str(Path(raw[0]).parent), "--out", out], [raw[0], "given twice"]),
+        ([ckpt, str(empty), "--out", out], [str(empty), "holds no *.parquet"]),
         ([ckpt, other, "--out", out], [other, "track_pt,dz,d0,ecal", "track_pt,dz,d0,hcal"]),
         ([ckpt, raw[0], "--split", "test", "--out", out], [raw[0], "--split"]),
         ([ckpt, h5, "--cuts", "top", "--out", out], [h5, "--cuts"]),
