@@ -5,7 +5,8 @@ Usage: python -m massreg.evaluate CHECKPOINT DATA.h5 [DATA2.h5 ...] [--split tes
 Restores the model (massreg.checkpoint.restore), predicts every row of the split (massreg.engine.predict),
 and reports MAE, RMSE, MRE, bias and resolution in GeV overall and per true-mass bin, beside a constant
 predictor that always answers the TRAIN mean mass from the files' /stats, so the gain is visible. Writes
-into --out (default: `eval_<split>/` beside the checkpoint), each file atomically:
+into --out (default: `eval_<split>/` beside the checkpoint), each file atomically; a folder that already
+holds an evaluation is refused before any work, unless --force:
 
     metrics.json                  the EvaluateConfig, checkpoint, data files, both metric sets, the bin table
     bins.csv                      the per-bin table (model and constant predictor)
@@ -49,6 +50,7 @@ class EvaluateConfig:
     workers: int = 0
     n_bins: int = 10               # equal-width true-mass bins over the train split's [m_min, m_max]
     max_mae_ratio: float | None = None  # fail (after writing) if MAE model / constant is above this (demo, CI)
+    force: bool = False            # replace an evaluation already in the output folder
 
     def validate(self) -> None:
         if not self.data:
@@ -122,6 +124,11 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> dict:
     from massreg.plots import plot_predictions
 
     config.validate()
+    out_dir = config.out_dir()
+    held = [name for name in ("metrics.json", "bins.csv") if (out_dir / name).exists()]
+    if held and not config.force:
+        raise EvaluateError(f"{out_dir} already holds an evaluation ({', '.join(held)}); pass --force to "
+                            f"replace it or --out DIR to write elsewhere")
     device = resolve_device(config.device)
     ckpt, restored = load_model(config.checkpoint, device)
     aux_names = tuple(restored.aux_scaler.names) if restored.aux_scaler is not None else ()
@@ -149,7 +156,6 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> dict:
     edges = mass_edges(lo, hi if hi > lo else lo + 1.0, config.n_bins)
     bins = bin_table(pred, true, train_mean, edges)
 
-    out_dir = config.out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = plot_predictions(pred, true, out_dir, config.split, edges=edges,
                              label=f"{config.split}, {Path(config.checkpoint).name}")
@@ -225,12 +231,14 @@ def format_report(report: dict) -> str:
               help="Number of true-mass bins in the table and plots.")
 @click.option("--max-mae-ratio", type=float, default=None,
               help="Exit non-zero (after writing everything) if MAE model / constant predictor is above this.")
-def main(checkpoint, data, split, out, batch_size, device, amp, workers, n_bins, max_mae_ratio):
+@click.option("--force", is_flag=True, help="Replace an evaluation already in the output folder.")
+def main(checkpoint, data, split, out, batch_size, device, amp, workers, n_bins, max_mae_ratio, force):
     """Evaluate CHECKPOINT on a split of DATA.h5 (several files = one data set)."""
     from massreg.checkpoint import CheckpointError
     from massreg.data import LayoutError
     config = EvaluateConfig(checkpoint=checkpoint, data=list(data), split=split, out=out, batch_size=batch_size,
-                            device=device, amp=amp, workers=workers, n_bins=n_bins, max_mae_ratio=max_mae_ratio)
+                            device=device, amp=amp, workers=workers, n_bins=n_bins, max_mae_ratio=max_mae_ratio,
+                            force=force)
     try:
         report = evaluate(config, progress=sys.stderr.isatty())
         click.echo(format_report(report))

@@ -218,7 +218,14 @@ def test_evaluate_several_files_and_cli(setup, tmp_path):
     ratio = saved["mae_ratio"]
     args = [ckpt, *data, "--split", "val", "--out", str(tmp_path / "ev2")]
     assert CliRunner().invoke(main, [*args, "--max-mae-ratio", str(ratio * 1.01)]).exit_code == 0
+    # a second evaluation into the same folder is refused before any work, and --force replaces it
+    before = (tmp_path / "ev2" / "metrics.json").read_text()
     res = CliRunner().invoke(main, [*args, "--max-mae-ratio", str(ratio * 0.99)])
+    msg = res.output.strip()
+    assert res.exit_code == 1 and len(msg.splitlines()) == 1, msg
+    assert str(tmp_path / "ev2") in msg and "already holds an evaluation" in msg and "--force" in msg
+    assert (tmp_path / "ev2" / "metrics.json").read_text() == before
+    res = CliRunner().invoke(main, [*args, "--max-mae-ratio", str(ratio * 0.99), "--force"])
     assert res.exit_code == 1 and "is above the bound" in res.output.strip().splitlines()[-1]
     assert (tmp_path / "ev2" / "metrics.json").is_file()
 
