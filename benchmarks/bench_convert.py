@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline import convert as C  # noqa: E402
+from pipeline import parquet as Q  # noqa: E402
 from pipeline import synth  # noqa: E402
 
 CHANNELS = (0, 1, 2, 3)   # the write-up's first four channels
@@ -170,7 +171,7 @@ def profile(path: Path, rows: int) -> list[str]:
     import torch
 
     torch.set_num_threads(1)
-    src = C._inspect(path)
+    src = Q._inspect(path)
     rows = min(rows, src.num_rows)
     pf = pq.ParquetFile(str(path))
     kept = np.arange(rows)
@@ -184,26 +185,26 @@ def profile(path: Path, rows: int) -> list[str]:
     with h5py.File(path.parent / "profile.h5", "w") as h5:
         images = h5.create_dataset("images", (rows, len(CHANNELS), 125, 125), np.float16)
         offset = 0
-        for _, chunk in C._file_chunks(src, kept, np.ones(rows, bool), 8, CHANNELS, False):
+        for _, chunk in Q._file_chunks(src, kept, np.ones(rows, bool), 8, CHANNELS, False):
             t = time.process_time()
             table = pf.read_row_groups(chunk.groups.tolist(), columns=["X_jet"], use_threads=False)
             tick("decode (read_row_groups)", t)
             t = time.process_time()
-            flat = C._flat_images(table.column(0), str(path), "X_jet", chunk.table_rows)
-            raw = flat.reshape(-1, 8, C.PIXELS)
+            flat = Q._flat_images(table.column(0), str(path), "X_jet", chunk.table_rows)
+            raw = flat.reshape(-1, 8, Q.PIXELS)
             tick("checks + flat numpy view", t)
-            result = C._Result(len(raw))
+            result = Q._Result(len(raw))
             result.n_train = len(raw)
             result.sums, result.sumsqs, result.maxes = np.zeros(4), np.zeros(4), np.zeros(4)
             for j, c in enumerate(CHANNELS):
                 t = time.process_time()
-                positions, values = C._round_channel(raw[:, c])
+                positions, values = Q._round_channel(raw[:, c])
                 tick("find nonzeros + round them", t)
                 t = time.process_time()
-                C._bad_values(values, positions, raw[:, c])
+                Q._bad_values(values, positions, raw[:, c])
                 tick("range check", t)
                 t = time.process_time()
-                C._add_stats(result, j, values, positions, np.ones(len(raw), bool))
+                Q._add_stats(result, j, values, positions, np.ones(len(raw), bool))
                 tick("statistics", t)
                 result.parts.append((positions, values))
             t = time.process_time()
@@ -234,7 +235,7 @@ def profile(path: Path, rows: int) -> list[str]:
     for name, sec in casts.items():
         lines.append(f"  {name:48s} {1e3 * sec / rows:7.3f}")
     lines.append(f"  torch's double rounding differs from numpy's exact cast in {mismatches} of "
-                 f"{rows * len(CHANNELS) * C.PIXELS:,} values")
+                 f"{rows * len(CHANNELS) * Q.PIXELS:,} values")
     return lines
 
 

@@ -97,8 +97,8 @@ def input_kind(path: Path) -> str:
 def expand_inputs(inputs) -> list[tuple[str, str]]:
     """[(path as given or found in a directory, kind)] in the order given: the converter's expansion (a
     directory stands for its *.parquet, sorted by name; each file once), each kind by its magic bytes."""
-    from pipeline.convert import ConvertError
-    from pipeline.convert import expand_inputs as expand
+    from pipeline.parquet import ConvertError
+    from pipeline.parquet import expand_inputs as expand
 
     try:
         paths = expand(inputs)
@@ -112,7 +112,7 @@ def parquet_cuts(config: PredictConfig, path: str) -> tuple[list, list[str]]:
     the converter a preset cut on a column the file lacks is skipped, an explicit --cut on one is an error."""
     import pyarrow.parquet as pq
 
-    from pipeline.convert import CUT_PRESETS, parse_cut
+    from pipeline.cuts import CUT_PRESETS, parse_cut
 
     texts = [(t, "preset") for t in CUT_PRESETS.get(config.cuts or "none", ())]
     texts += [(t, "--cut") for t in config.extra_cuts]
@@ -163,7 +163,7 @@ def parquet_batches(path: str, *, channels, aux_names, batch_size: int, chunk_si
     "index" is the running position of each row; record["row"] / record["m"] receive, in that order, its row
     number in the file and its float64 mass (NaN where the file has none).
     """
-    from pipeline.convert import read_parquet_chunks
+    from pipeline.parallel import read_parquet_chunks
 
     pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # (images, m, aux, row) parts
     n_pending, position = 0, 0
@@ -237,7 +237,7 @@ def predict_file(path: str, kind: str, restored, config: PredictConfig, device, 
         if config.split is not None:
             raise PredictError(f"{path}: --split applies to HDF5 inputs only (a Parquet file has no split); "
                                "predict Parquet files in a separate call")
-        from pipeline.convert import parse_channels
+        from pipeline.parquet import parse_channels
         channels = parse_channels(list(restored.channels))  # the checkpoint's channels, by name
         cuts, skipped = parquet_cuts(config, path)
         if skipped and progress:
@@ -324,7 +324,7 @@ def main(checkpoint, inputs, out, split, cuts, extra_cuts, clip, chunk_size, bat
     """Predict the mass of every row of INPUT (raw Parquet or converted HDF5) with CHECKPOINT."""
     from massreg.checkpoint import CheckpointError
     from massreg.data import LayoutError
-    from pipeline.convert import ConvertError
+    from pipeline.parquet import ConvertError
     config = PredictConfig(checkpoint=checkpoint, inputs=list(inputs), out=out, split=split, cuts=cuts,
                            extra_cuts=tuple(extra_cuts), clip=clip, chunk_size=chunk_size, batch_size=batch_size,
                            device=device, amp=amp, workers=workers, force=force)

@@ -19,8 +19,11 @@ from click.testing import CliRunner
 
 from pipeline import convert as C
 from pipeline import inspect as I
-from pipeline import layout
-from pipeline.convert import ConvertConfig, ConvertError, convert, read_parquet_chunks
+from pipeline import layout, parallel
+from pipeline.convert import ConvertConfig, convert
+from pipeline.cuts import parse_cut
+from pipeline.parallel import read_parquet_chunks
+from pipeline.parquet import ConvertError
 
 P = layout.IMAGE_SIZE
 # rounding hazards written into channel 3 of every row: float16 midpoints just above / below / exact
@@ -243,7 +246,7 @@ def test_preset_cut_on_a_missing_column_is_skipped_and_reported(tmp_path):
     ("pt >= 1e2", "pt", False, 100, np.inf, True, True),
 ])
 def test_parse_cut(text, column, absolute, lo, hi, lo_inc, hi_inc):
-    cut = C.parse_cut(text)
+    cut = parse_cut(text)
     assert (cut.column, cut.absolute, cut.lo, cut.hi, cut.lo_inclusive, cut.hi_inclusive) == \
         (column, absolute, lo, hi, lo_inc, hi_inc)
     x = np.array([-200, -1.4, 0, 1.4, 2, 20, 100, 100.5])
@@ -255,7 +258,7 @@ def test_parse_cut(text, column, absolute, lo, hi, lo_inc, hi_inc):
 @pytest.mark.parametrize("text", ["pt", "pt = 3", "1 < 2", "pt < abc", "5 <= pt <= 1"])
 def test_parse_cut_rejects_bad_syntax(text):
     with pytest.raises(ConvertError, match="cut"):
-        C.parse_cut(text)
+        parse_cut(text)
 
 
 def test_extra_cuts_and_clip_count(tmp_path):
@@ -458,7 +461,7 @@ def test_interrupted_conversion_leaves_no_output(tmp_path, monkeypatch):
     write_parquet(tmp_path / "x.parquet", images, s)
     out = tmp_path / "out.h5"
     out.write_bytes(b"old")
-    real, calls = C._decode, []
+    real, calls = parallel._decode, []
 
     def interrupted(chunk, table):
         calls.append(1)
@@ -466,7 +469,7 @@ def test_interrupted_conversion_leaves_no_output(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(chunk, table)
 
-    monkeypatch.setattr(C, "_decode", interrupted)
+    monkeypatch.setattr(parallel, "_decode", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert(ConvertConfig([str(tmp_path)], str(out), cuts="none", chunk_size=2, force=True,
                               progress=False))

@@ -11,7 +11,8 @@ import pytest
 
 from pipeline import convert as C
 from pipeline import layout
-from pipeline.convert import ConvertConfig, ConvertError, convert
+from pipeline.convert import ConvertConfig, convert
+from pipeline.parquet import ConvertError
 from test_convert import make_rows, write_parquet
 
 
