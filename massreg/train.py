@@ -9,15 +9,15 @@ Model selection uses the `val` split only; the `test` split is never opened here
 config.json, metrics.csv (one row per epoch), last.pt, best_val_loss.pt, best_mre.pt (each written atomically,
 each enough to rebuild the model and resume) and plots/ (loss curves; predictions of best_val_loss.pt on val).
 
-Recipes (explicit options override a recipe's values; config.json records both the recipe and the final values):
+Recipes (explicit options override a recipe's values; config.json records the recipe and the final values):
   seed     the original write-up: Adam lr 1e-3, weight decay 1e-4 (L2), ExponentialLR gamma 0.4 stepped per
            epoch, batch 32, 25 epochs, MSE on the standardised mass, z-score normalisation from the file's
            stats, no aux, no flips, model `seed`. It uses the file's channels (convert with the default
            --channels 0,1,2,3 for the write-up's "first four channels").
   default  what trains, chosen by measurement on generated `top` data (README): AdamW, linear warm-up then
            cosine decay per step, Huber loss on the standardised mass, fixed per-channel reference scales,
-           flips in eta/phi, the aux scalars (pt, ieta, iphi) fed to the model, grad clipping; peak lr by model
-           size (DEFAULT_LR) unless --lr is given.
+           flips in eta/phi, the aux scalars (pt, ieta, iphi) fed to the model, grad clipping; peak lr by
+           model size (DEFAULT_LR) unless --lr is given.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
@@ -41,6 +42,12 @@ import torch.nn.functional as F
 
 from massreg import checkpoint as ck
 from massreg import engine
+
+if TYPE_CHECKING:  # annotations only: the data and model modules load when a run starts
+    from torch.utils.data import Dataset
+
+    from massreg.config import ModelConfig
+    from massreg.data import AuxScaler, H5Images, Normalizer, TargetScaler
 
 AUX_NAMES = ("pt", "ieta", "iphi")
 RUN_FILES = ("config.json", "metrics.csv", "last.pt", "best_val_loss.pt", "best_mre.pt")
@@ -53,7 +60,7 @@ class ConfigError(Exception):
 
 
 class TrainingError(Exception):
-    """Training had to stop (non-finite loss); the message names epoch and step and the last good checkpoint."""
+    """Training had to stop (non-finite loss); the message names epoch, step and the last good checkpoint."""
 
 
 @dataclass
@@ -69,7 +76,7 @@ class TrainConfig:
     optimizer: str = "adamw"          # adam (L2 weight decay, as the write-up) | adamw (decoupled)
     lr: float = 1e-3
     weight_decay: float = 0.05
-    schedule: str = "cosine"          # cosine (warm-up + cosine, per step) | exponential (per epoch) | constant
+    schedule: str = "cosine"          # cosine: warm-up + cosine per step | exponential: per epoch | constant
     gamma: float = 0.4                # exponential: lr * gamma ** epoch
     warmup_fraction: float = 0.05     # cosine: share of all steps spent warming up linearly
     min_lr_ratio: float = 0.01        # cosine: final lr = lr * min_lr_ratio
@@ -104,11 +111,13 @@ RECIPES: dict[str, dict] = {
 # MAE of 0.85x the constant prediction at 1e-3, 0.75x at 3e-4 and 0.57x at 1e-4; `tiny` trains well at 1e-3
 # and not at 3e-3.
 DEFAULT_LR = {"tiny": 1e-3, "small": 1e-3, "seed": 1e-4}
-CHOICES = {"recipe": tuple(RECIPES), "optimizer": ("adam", "adamw"), "schedule": ("cosine", "exponential", "constant"),
-           "loss": ("mse", "l1", "huber"), "norm": ("stats", "reference"), "device": ("auto", "cpu", "cuda")}
+CHOICES = {"recipe": tuple(RECIPES), "optimizer": ("adam", "adamw"),
+           "schedule": ("cosine", "exponential", "constant"), "loss": ("mse", "l1", "huber"),
+           "norm": ("stats", "reference"), "device": ("auto", "cpu", "cuda")}
 # Options that may change when a run is resumed: they change where and how fast it runs, not what it computes
 # (epochs may grow; with a cosine schedule that stretches the remaining decay).
-RESUME_MUTABLE = {"device", "amp", "compile", "workers", "eval_every", "epochs", "resume", "force", "run_dir", "data"}
+RESUME_MUTABLE = {"device", "amp", "compile", "workers", "eval_every", "epochs", "resume", "force", "run_dir",
+                  "data"}
 
 
 def build_config(recipe: str = "default", **overrides) -> TrainConfig:
@@ -134,7 +143,8 @@ def validate(c: TrainConfig) -> None:
     """Check option values and combinations before any work starts (ConfigError, one line)."""
     for name, allowed in CHOICES.items():
         if getattr(c, name) not in allowed:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(c, name)!r}: choose one of {', '.join(allowed)}")
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(c, name)!r}: "
+                              f"choose one of {', '.join(allowed)}")
     positive = {"epochs": c.epochs, "batch_size": c.batch_size, "lr": c.lr, "eval_every": c.eval_every,
                 "huber_delta": c.huber_delta, "gamma": c.gamma}
     for name, value in positive.items():
@@ -287,7 +297,8 @@ def prepare_run_dir(c: TrainConfig) -> Path:
 
 def resume_config(c: TrainConfig, ckpt: dict) -> TrainConfig:
     """The stored run config, with only the options that do not change the result taken from `c`."""
-    stored = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in ckpt["train_config"].items()
+    stored = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                            for k, v in ckpt["train_config"].items()
                             if k in {f.name for f in fields(TrainConfig)}})
     if "model" in c.overrides and c.model != stored.model:
         from massreg.config import model_config
@@ -321,7 +332,8 @@ def train_one_epoch(model, loader, optimizer, c: TrainConfig, *, epoch: int, ste
                     normalizer, target, aux_scaler, d: Dist, bar) -> tuple[float, int, int]:
     """One pass over the train loader. Returns (mean train loss over this rank's samples, samples, next step).
 
-    Raises TrainingError on a non-finite loss or gradient before the optimizer step, so the weights stay finite.
+    Raises TrainingError on a non-finite loss or gradient before the optimizer step, so the weights stay
+    finite.
     """
     model.train()
     total, count = 0.0, 0
@@ -342,8 +354,8 @@ def train_one_epoch(model, loader, optimizer, c: TrainConfig, *, epoch: int, ste
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         loss_value = loss.item()
         if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):
-            raise TrainingError(f"non-finite loss ({loss_value}) or gradient norm ({grad_norm.item()}) at epoch "
-                                f"{epoch}, step {step + 1}; stopped without taking the step")
+            raise TrainingError(f"non-finite loss ({loss_value}) or gradient norm ({grad_norm.item()}) at "
+                                f"epoch {epoch}, step {step + 1}; stopped without taking the step")
         optimizer.step()
         step += 1
         n = int(batch["m"].shape[0])
@@ -364,198 +376,294 @@ def validate_epoch(model, loader, c: TrainConfig, *, normalizer, target, aux_sca
     z_pred = torch.from_numpy((out["pred"] - target.mean) / target.std)
     z_true = torch.from_numpy((out["true"] - target.mean) / target.std)
     metrics = regression_metrics(out["pred"], out["true"])
-    return {"val_loss": float(loss_fn(c, z_pred, z_true)), "val_mae": metrics["mae"], "val_mre": metrics["mre"],
-            "val_resolution": metrics["resolution"], "predictions": out}
+    return {"val_loss": float(loss_fn(c, z_pred, z_true)), "val_mae": metrics["mae"],
+            "val_mre": metrics["mre"], "val_resolution": metrics["resolution"], "predictions": out}
+
+
+# ---------------------------------------------------------------- the steps of train()
+
+@dataclass
+class RunData:
+    """The train and val sets of a run and the scalers derived from the file's stats; fixed for the run."""
+    train_set: H5Images             # the train split; its flips follow set_epoch
+    fit_set: Dataset                # train_set, or a Subset of its first --max-train-samples rows
+    val_set: H5Images               # the val split, no flips
+    info: list[dict]                # path and size per file: which data a checkpoint came from
+    stats: dict
+    channels: list
+    aux_names: tuple[str, ...]      # AUX_NAMES, or () without --aux
+    normalizer: Normalizer          # on the run's device
+    target: TargetScaler
+    aux_scaler: AuxScaler | None
+
+
+@dataclass
+class RunState:
+    """The model, optimizer and loop position of a run: what one epoch advances and a checkpoint stores."""
+    config: TrainConfig
+    d: Dist
+    data: RunData
+    mcfg: ModelConfig
+    raw_model: torch.nn.Module      # uncompiled and unwrapped: its state_dict has no prefixes
+    model: torch.nn.Module          # what trains: raw_model, compiled and/or DDP-wrapped
+    eval_model: torch.nn.Module     # raw_model, compiled if --compile, never DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    steps_per_epoch: int            # per rank
+    val_loader: torch.utils.data.DataLoader
+    epoch: int                      # completed epochs
+    step: int                       # optimizer steps taken by this process
+    best: dict                      # val_loss, val_mre and the epochs they were reached at
+    history: list[dict]             # one metrics row per completed epoch
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.run_dir)
+
+
+def resolve_run(config: TrainConfig, d: Dist) -> tuple[TrainConfig, dict | None]:
+    """The config to run with and, under --resume, the last.pt it continues; a new run's directory checked."""
+    ckpt = None
+    if config.resume:
+        ckpt = ck.load_checkpoint(Path(config.resume) / "last.pt")
+        config = resume_config(config, ckpt)
+        if not config.data:
+            config = replace(config, data=tuple(ckpt["data"]["paths"]))
+    else:
+        if not config.run_dir:
+            config = replace(config, run_dir=broadcast(default_run_dir(), d))
+        check_run_dir(config)  # before any work, on every rank, so all refuse together
+    return config, ckpt
+
+
+def open_data(config: TrainConfig, ckpt: dict | None, d: Dist) -> RunData:
+    """The train and val splits (the test split is never opened here) and the scalers from their stats."""
+    from massreg.data import AuxScaler, H5Images, Normalizer, TargetScaler
+
+    aux_names = AUX_NAMES if config.aux else ()
+    train_set = H5Images(list(config.data), "train", aux=aux_names, flips=config.flips, seed=config.seed)
+    val_set = H5Images(list(config.data), "val", aux=aux_names, flips=False, seed=config.seed)
+    info = train_set.file_info()
+    if ckpt is not None:
+        check_same_data(ckpt, info, f"{config.resume}/last.pt")
+    stats, channels = train_set.stats, list(train_set.channels)
+    if len(train_set) == 0 or len(val_set) == 0:
+        raise ConfigError(f"{', '.join(config.data)}: the train split has {len(train_set)} rows and val "
+                          f"{len(val_set)}; both must be non-empty (convert with more rows)")
+    fit_set = train_set
+    if config.max_train_samples is not None and config.max_train_samples < len(train_set):
+        # The first N train rows: the split is already a seeded hash, so they are a random sample.
+        fit_set = torch.utils.data.Subset(train_set, range(config.max_train_samples))
+    return RunData(train_set=train_set, fit_set=fit_set, val_set=val_set, info=info, stats=stats,
+                   channels=channels, aux_names=aux_names,
+                   normalizer=Normalizer.from_stats(stats, config.norm, channels).to(d.device),
+                   target=TargetScaler.from_stats(stats),
+                   aux_scaler=AuxScaler.from_stats(stats, aux_names) if aux_names else None)
+
+
+def build_state(config: TrainConfig, data: RunData, ckpt: dict | None, d: Dist) -> RunState:
+    """Model and optimizer, from the seed or from last.pt, wrapped for training; the val loader."""
+    from massreg.config import build_model, model_config
+    from massreg.data import make_loader
+
+    mcfg = model_config(config.model, channels=len(data.channels), num_aux=len(data.aux_names),
+                        **({} if config.patch_norm is None else {"patch_norm": config.patch_norm}))
+    if ckpt is not None:
+        ck.check_model_config(ckpt, asdict(mcfg), source=f"{config.resume}/last.pt")
+    # Built from the seed: identical on every rank (DDP also broadcasts rank 0's weights).
+    torch.manual_seed(config.seed)
+    raw_model = build_model(mcfg).to(d.device)
+    optimizer = make_optimizer(config, raw_model)
+    epoch, step, best, history = restore(config, ckpt, raw_model, optimizer, d)
+
+    model = torch.compile(raw_model) if config.compile else raw_model
+    eval_model = model                      # validation runs outside DDP: no gradient sync needed
+    if d.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+    per_rank = math.ceil(len(data.fit_set) / d.world)  # DistributedSampler pads every rank to this many rows
+    steps_per_epoch = math.ceil(per_rank / config.batch_size)
+    val_sampler = (torch.utils.data.distributed.DistributedSampler(
+        data.val_set, num_replicas=d.world, rank=d.rank, shuffle=False) if d.world > 1 else None)
+    val_loader = make_loader(data.val_set, batch_size=config.batch_size, shuffle=False, seed=config.seed,
+                             workers=config.workers, sampler=val_sampler)
+    return RunState(config=config, d=d, data=data, mcfg=mcfg, raw_model=raw_model, model=model,
+                    eval_model=eval_model, optimizer=optimizer, steps_per_epoch=steps_per_epoch,
+                    val_loader=val_loader, epoch=epoch, step=step, best=best, history=history)
+
+
+def restore(config: TrainConfig, ckpt: dict | None, raw_model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, d: Dist) -> tuple[int, int, dict, list[dict]]:
+    """(epoch, step, best, history) of a new run, or those of last.pt with its weights, optimizer state and
+    RNG state loaded."""
+    if ckpt is None:
+        torch.manual_seed(config.seed + d.rank)  # dropout masks differ between ranks
+        best = {"val_loss": math.inf, "val_mre": math.inf, "epoch_val_loss": None, "epoch_mre": None}
+        return 0, 0, best, []
+    try:
+        raw_model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise ck.CheckpointError(f"{config.resume}/last.pt: weights do not fit --model {config.model}: "
+                                 f"{str(exc).splitlines()[0]}") from None
+    optimizer.load_state_dict(ckpt["optimizer"])
+    epoch, step, best = int(ckpt["epoch"]), int(ckpt["step"]), dict(ckpt["best"])
+    history = [dict(r) for r in ckpt["metrics_history"]]
+    rng = ckpt["rng"]
+    ck.restore_rng(rng["ranks"][d.rank] if rng.get("ranks") and len(rng["ranks"]) == d.world else rng)
+    return epoch, step, best, history
+
+
+def write_run_config(s: RunState, *, new_run: bool) -> None:
+    """config.json in the run directory (made, or cleared with --force, for a new run). Rank 0 writes; the
+    others wait so nobody reads a half-made directory."""
+    d, config = s.d, s.config
+    if d.world > 1:
+        dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
+    if d.main:
+        if new_run:
+            prepare_run_dir(config)
+        config_json = {"train": asdict(config), "model": asdict(s.mcfg), "data": s.data.info,
+                       "channels": s.data.channels, "world_size": d.world, "device": str(d.device),
+                       "torch": torch.__version__,
+                       "parameters": sum(p.numel() for p in s.raw_model.parameters())}
+        ck.atomic_write_text(s.run_dir / "config.json", json.dumps(ck.to_plain(config_json), indent=2) + "\n")
+    if d.world > 1:
+        dist.barrier()
+
+
+def train_epoch(s: RunState) -> dict:
+    """Train epoch s.epoch + 1 and count it done; its metrics row (train loss averaged over all ranks)."""
+    from tqdm.auto import tqdm
+
+    from massreg.data import make_loader
+
+    config, d, data = s.config, s.d, s.data
+    data.train_set.set_epoch(s.epoch)  # flips of this epoch: a function of (seed, epoch, row)
+    sampler = None
+    if d.world > 1:
+        sampler = torch.utils.data.distributed.DistributedSampler(
+            data.fit_set, num_replicas=d.world, rank=d.rank, shuffle=True, seed=config.seed)
+        sampler.set_epoch(s.epoch)
+    loader = make_loader(data.fit_set, batch_size=config.batch_size, shuffle=sampler is None,
+                         seed=config.seed, workers=config.workers, epoch=s.epoch, sampler=sampler)
+    bar = tqdm(total=s.steps_per_epoch, desc=f"epoch {s.epoch + 1}/{config.epochs}", unit="step",
+               file=sys.stderr, leave=False, disable=True if not d.main else None)
+    t0 = time.perf_counter()
+    try:
+        train_loss, n_seen, s.step = train_one_epoch(
+            s.model, loader, s.optimizer, config, epoch=s.epoch + 1, step=s.step,
+            steps_per_epoch=s.steps_per_epoch, normalizer=data.normalizer, target=data.target,
+            aux_scaler=data.aux_scaler, d=d, bar=bar)
+    except TrainingError as exc:
+        kept = f"{s.run_dir}/last.pt (epoch {s.epoch})" if s.epoch > 0 else "none (this was the first epoch)"
+        raise TrainingError(f"{exc}; last good checkpoint: {kept}. Try a lower --lr or check the data") \
+            from None
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    if d.world > 1:
+        sums = torch.tensor([train_loss * n_seen, n_seen], dtype=torch.float64)
+        dist.all_reduce(sums)
+        train_loss, n_seen = (sums[0] / sums[1]).item(), int(sums[1].item())
+    s.epoch += 1
+    return {"epoch": s.epoch, "train_loss": train_loss,
+            "lr": lr_at(config, s.epoch * s.steps_per_epoch - 1, s.steps_per_epoch),  # the epoch's last
+            "seconds": round(seconds, 3), "samples_per_s": round(n_seen / seconds, 2)}
+
+
+def validate_and_rank(s: RunState, row: dict) -> tuple[bool, bool]:
+    """Validate when due (every --eval-every epochs, and the last), adding the val metrics to `row` and
+    updating s.best; returns whether val_loss and val_mre improved (both False when not validated)."""
+    if not (s.epoch % s.config.eval_every == 0 or s.epoch == s.config.epochs):
+        return False, False
+    val = validate_epoch(s.eval_model, s.val_loader, s.config, normalizer=s.data.normalizer,
+                         target=s.data.target, aux_scaler=s.data.aux_scaler, d=s.d)
+    row.update({k: val[k] for k in ("val_loss", "val_mae", "val_mre", "val_resolution")})
+    better_loss = val["val_loss"] < s.best["val_loss"]
+    better_mre = val["val_mre"] < s.best["val_mre"]
+    if better_loss:
+        s.best.update(val_loss=val["val_loss"], epoch_val_loss=s.epoch, val_mae=val["val_mae"])
+    if better_mre:
+        s.best.update(val_mre=val["val_mre"], epoch_mre=s.epoch)
+    return better_loss, better_mre
+
+
+def checkpoint_payload(s: RunState) -> dict:
+    """Everything needed to rebuild the model and resume. Collective under DDP: every rank must call it."""
+    config, data, spe = s.config, s.data, s.steps_per_epoch
+    rng = ck.capture_rng()
+    if s.d.world > 1:
+        ranks = [None] * s.d.world
+        dist.all_gather_object(ranks, rng)
+        rng = {**rng, "ranks": ranks}
+    stats, aux_names = data.stats, data.aux_names
+    return ck.to_plain({
+        "model": s.raw_model.state_dict(), "model_config": asdict(s.mcfg), "train_config": asdict(config),
+        "optimizer": s.optimizer.state_dict(),
+        "scheduler": {"schedule": config.schedule, "steps_per_epoch": spe,
+                      "lr": lr_at(config, max(s.epoch * spe - 1, 0), spe)},
+        "epoch": s.epoch, "step": s.step, "best": s.best,
+        "normalizer": data.normalizer.to_dict(),
+        "target": {"mean": data.target.mean, "std": data.target.std},
+        "aux": {"names": list(aux_names), "mean": [float(stats[f"{a}_mean"]) for a in aux_names],
+                "std": [float(stats[f"{a}_std"]) for a in aux_names]},
+        "data": {"paths": [x["path"] for x in data.info], "sizes": [x["size"] for x in data.info],
+                 "channels": data.channels, "stats": stats},
+        "rng": rng, "metrics_history": s.history})
+
+
+def save_epoch(s: RunState, row: dict, better_loss: bool, better_mre: bool, say) -> None:
+    """last.pt, the best_*.pt that improved, metrics.csv and the epoch's summary line (rank 0 writes)."""
+    state = checkpoint_payload(s)  # collective under DDP: every rank takes part
+    if not s.d.main:
+        return
+    ck.save_checkpoint(s.run_dir / "last.pt", state)
+    if better_loss:
+        ck.save_checkpoint(s.run_dir / "best_val_loss.pt", state)
+    if better_mre:
+        ck.save_checkpoint(s.run_dir / "best_mre.pt", state)
+    write_metrics_csv(s.run_dir / "metrics.csv", s.history)
+    marks = ("  *loss" if better_loss else "") + ("  *mre" if better_mre else "")
+    say(summary_line(row, s.config.epochs) + marks)
 
 
 def train(config: TrainConfig, *, stop_after_epochs: int | None = None, echo=click.echo) -> dict:
-    """Train (or resume) a run; returns {"run_dir", "best", "history"}.
+    """Train (or resume) a run; returns {"run_dir", "best", "history", "epoch", "config"}.
 
     stop_after_epochs: leave after that many epochs in this call, as if the job had been stopped there
     (the next call with resume=RUN_DIR continues; used by the resume test and time-limited batch jobs).
     """
-    from massreg.config import build_model, model_config
-    from massreg.data import AuxScaler, H5Images, Normalizer, TargetScaler, make_loader
-
     validate(config)
     d = setup_distributed(config)
     say = echo if d.main else (lambda *a, **k: None)
     try:
-        ckpt = None
-        if config.resume:
-            ckpt = ck.load_checkpoint(Path(config.resume) / "last.pt")
-            config = resume_config(config, ckpt)
-            if not config.data:
-                config = replace(config, data=tuple(ckpt["data"]["paths"]))
-        else:
-            if not config.run_dir:
-                config = replace(config, run_dir=broadcast(default_run_dir(), d))
-            check_run_dir(config)  # before any work, on every rank, so all refuse together
+        config, ckpt = resolve_run(config, d)
         if config.amp and d.device.type != "cuda":
             say("note: --amp (bf16 autocast) applies on CUDA only; running in float32 on CPU")
+        data = open_data(config, ckpt, d)
+        s = build_state(config, data, ckpt, d)
+        write_run_config(s, new_run=ckpt is None)
+        say(f"run {s.run_dir}: {config.model} model ({count_params(s.raw_model)} parameters), recipe "
+            f"{config.recipe}, {len(data.fit_set)} train / {len(data.val_set)} val rows, "
+            f"{len(data.channels)} channels, {d.world} process(es) on {d.device}, "
+            f"{s.steps_per_epoch} steps per epoch")
 
-        # ---- data: train and val only; the test split is never opened here
-        aux_names = AUX_NAMES if config.aux else ()
-        train_set = H5Images(list(config.data), "train", aux=aux_names, flips=config.flips, seed=config.seed)
-        val_set = H5Images(list(config.data), "val", aux=aux_names, flips=False, seed=config.seed)
-        info = train_set.file_info()
-        if ckpt is not None:
-            check_same_data(ckpt, info, f"{config.resume}/last.pt")
-        stats, channels = train_set.stats, list(train_set.channels)
-        if len(train_set) == 0 or len(val_set) == 0:
-            raise ConfigError(f"{', '.join(config.data)}: the train split has {len(train_set)} rows and val "
-                              f"{len(val_set)}; both must be non-empty (convert with more rows)")
-        fit_set = train_set
-        if config.max_train_samples is not None and config.max_train_samples < len(train_set):
-            # The first N train rows: the split is already a seeded hash, so they are a random sample.
-            fit_set = torch.utils.data.Subset(train_set, range(config.max_train_samples))
-        n_fit = len(fit_set)
-
-        normalizer = Normalizer.from_stats(stats, config.norm, channels).to(d.device)
-        target = TargetScaler.from_stats(stats)
-        aux_scaler = AuxScaler.from_stats(stats, aux_names) if aux_names else None
-
-        # ---- model: built from the seed (identical on every rank; DDP also broadcasts rank 0's weights)
-        mcfg = model_config(config.model, channels=len(channels), num_aux=len(aux_names),
-                            **({} if config.patch_norm is None else {"patch_norm": config.patch_norm}))
-        if ckpt is not None:
-            ck.check_model_config(ckpt, asdict(mcfg), source=f"{config.resume}/last.pt")
-        torch.manual_seed(config.seed)
-        raw_model = build_model(mcfg).to(d.device)
-        optimizer = make_optimizer(config, raw_model)
-        epoch, step = 0, 0
-        best = {"val_loss": math.inf, "val_mre": math.inf, "epoch_val_loss": None, "epoch_mre": None}
-        history: list[dict] = []
-        if ckpt is not None:
-            try:
-                raw_model.load_state_dict(ckpt["model"])
-            except RuntimeError as exc:
-                raise ck.CheckpointError(f"{config.resume}/last.pt: weights do not fit --model {config.model}: "
-                                         f"{str(exc).splitlines()[0]}") from None
-            optimizer.load_state_dict(ckpt["optimizer"])
-            epoch, step, best = int(ckpt["epoch"]), int(ckpt["step"]), dict(ckpt["best"])
-            history = [dict(r) for r in ckpt["metrics_history"]]
-            rng = ckpt["rng"]
-            ck.restore_rng(rng["ranks"][d.rank] if rng.get("ranks") and len(rng["ranks"]) == d.world else rng)
-        else:
-            torch.manual_seed(config.seed + d.rank)  # dropout masks differ between ranks
-
-        model = torch.compile(raw_model) if config.compile else raw_model
-        eval_model = model                      # validation runs outside DDP: no gradient sync needed
-        if d.world > 1:
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-
-        # ---- run directory (rank 0 writes; the others wait so nobody reads a half-made dir)
-        run = Path(config.run_dir)
-        if d.world > 1:
-            dist.barrier()  # every rank has checked the run directory before rank 0 writes into it
-        if d.main:
-            if ckpt is None:
-                prepare_run_dir(config)
-            config_json = {"train": asdict(config), "model": asdict(mcfg), "data": info, "channels": channels,
-                           "world_size": d.world, "device": str(d.device), "torch": torch.__version__,
-                           "parameters": sum(p.numel() for p in raw_model.parameters())}
-            ck.atomic_write_text(run / "config.json", json.dumps(ck.to_plain(config_json), indent=2) + "\n")
-        if d.world > 1:
-            dist.barrier()
-
-        per_rank = math.ceil(n_fit / d.world)
-        steps_per_epoch = math.ceil(per_rank / config.batch_size)
-        val_sampler = (torch.utils.data.distributed.DistributedSampler(
-            val_set, num_replicas=d.world, rank=d.rank, shuffle=False) if d.world > 1 else None)
-        val_loader = make_loader(val_set, batch_size=config.batch_size, shuffle=False, seed=config.seed,
-                                 workers=config.workers, sampler=val_sampler)
-        say(f"run {run}: {config.model} model ({count_params(raw_model)} parameters), recipe "
-            f"{config.recipe}, {n_fit} train / {len(val_set)} val rows, {len(channels)} channels, "
-            f"{d.world} process(es) on {d.device}, {steps_per_epoch} steps per epoch")
-
-        def payload() -> dict:
-            rng = ck.capture_rng()
-            if d.world > 1:
-                ranks = [None] * d.world
-                dist.all_gather_object(ranks, rng)
-                rng = {**rng, "ranks": ranks}
-            return ck.to_plain({
-                "model": raw_model.state_dict(), "model_config": asdict(mcfg), "train_config": asdict(config),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": {"schedule": config.schedule, "steps_per_epoch": steps_per_epoch,
-                              "lr": lr_at(config, max(epoch * steps_per_epoch - 1, 0), steps_per_epoch)},
-                "epoch": epoch, "step": step, "best": best,
-                "normalizer": normalizer.to_dict(),
-                "target": {"mean": target.mean, "std": target.std},
-                "aux": {"names": list(aux_names), "mean": [float(stats[f"{a}_mean"]) for a in aux_names],
-                        "std": [float(stats[f"{a}_std"]) for a in aux_names]},
-                "data": {"paths": [x["path"] for x in info], "sizes": [x["size"] for x in info],
-                         "channels": channels, "stats": stats},
-                "rng": rng, "metrics_history": history})
-
-        start_epoch = epoch
-        while epoch < config.epochs:
-            if stop_after_epochs is not None and epoch - start_epoch >= stop_after_epochs:
+        start_epoch = s.epoch
+        while s.epoch < config.epochs:
+            if stop_after_epochs is not None and s.epoch - start_epoch >= stop_after_epochs:
                 break
-            train_set.set_epoch(epoch)  # flips of this epoch: a function of (seed, epoch, row)
-            sampler = None
-            if d.world > 1:
-                sampler = torch.utils.data.distributed.DistributedSampler(
-                    fit_set, num_replicas=d.world, rank=d.rank, shuffle=True, seed=config.seed)
-                sampler.set_epoch(epoch)
-            loader = make_loader(fit_set, batch_size=config.batch_size, shuffle=sampler is None, seed=config.seed,
-                                 workers=config.workers, epoch=epoch, sampler=sampler)
-            from tqdm.auto import tqdm
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
-                       file=sys.stderr, leave=False, disable=True if not d.main else None)
-            t0 = time.perf_counter()
-            try:
-                train_loss, n_seen, step = train_one_epoch(
-                    model, loader, optimizer, config, epoch=epoch + 1, step=step, steps_per_epoch=steps_per_epoch,
-                    normalizer=normalizer, target=target, aux_scaler=aux_scaler, d=d, bar=bar)
-            except TrainingError as exc:
-                kept = f"{run}/last.pt (epoch {epoch})" if epoch > 0 else "none (this was the first epoch)"
-                raise TrainingError(f"{exc}; last good checkpoint: {kept}. Try a lower --lr or check the data") \
-                    from None
-            finally:
-                bar.close()
-            seconds = time.perf_counter() - t0
-            if d.world > 1:
-                sums = torch.tensor([train_loss * n_seen, n_seen], dtype=torch.float64)
-                dist.all_reduce(sums)
-                train_loss, n_seen = (sums[0] / sums[1]).item(), int(sums[1].item())
-            epoch += 1
-            row = {"epoch": epoch, "train_loss": train_loss,
-                   "lr": lr_at(config, epoch * steps_per_epoch - 1, steps_per_epoch),  # the epoch's last
-                   "seconds": round(seconds, 3), "samples_per_s": round(n_seen / seconds, 2)}
-            marks = ""
-            if epoch % config.eval_every == 0 or epoch == config.epochs:
-                val = validate_epoch(eval_model, val_loader, config, normalizer=normalizer, target=target,
-                                     aux_scaler=aux_scaler, d=d)
-                row.update({k: val[k] for k in ("val_loss", "val_mae", "val_mre", "val_resolution")})
-                better_loss = val["val_loss"] < best["val_loss"]
-                better_mre = val["val_mre"] < best["val_mre"]
-                if better_loss:
-                    best.update(val_loss=val["val_loss"], epoch_val_loss=epoch, val_mae=val["val_mae"])
-                if better_mre:
-                    best.update(val_mre=val["val_mre"], epoch_mre=epoch)
-                marks = ("  *loss" if better_loss else "") + ("  *mre" if better_mre else "")
-            else:
-                better_loss = better_mre = False
-            history.append(row)
-            state = payload()  # collective under DDP: every rank takes part
-            if d.main:
-                ck.save_checkpoint(run / "last.pt", state)
-                if better_loss:
-                    ck.save_checkpoint(run / "best_val_loss.pt", state)
-                if better_mre:
-                    ck.save_checkpoint(run / "best_mre.pt", state)
-                write_metrics_csv(run / "metrics.csv", history)
-                say(summary_line(row, config.epochs) + marks)
+            row = train_epoch(s)
+            better_loss, better_mre = validate_and_rank(s, row)
+            s.history.append(row)
+            save_epoch(s, row, better_loss, better_mre, say)
 
-        if d.main and epoch >= config.epochs:
-            make_plots(run, history, raw_model, val_set, config, normalizer=normalizer, target=target,
-                       aux_scaler=aux_scaler, device=d.device, echo=say)
+        if d.main and s.epoch >= config.epochs:
+            make_plots(s.run_dir, s.history, s.raw_model, data.val_set, config, normalizer=data.normalizer,
+                       target=data.target, aux_scaler=data.aux_scaler, device=d.device, echo=say)
         if d.world > 1:
             dist.barrier()
-        return {"run_dir": str(run), "best": best, "history": history, "epoch": epoch, "config": config}
+        return {"run_dir": str(s.run_dir), "best": s.best, "history": s.history, "epoch": s.epoch,
+                "config": config}
     finally:
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -608,26 +716,32 @@ def make_plots(run: Path, history: list[dict], raw_model, val_set, c: TrainConfi
 @click.option("--epochs", type=int, help="[recipe]")
 @click.option("--batch-size", type=int, help="[recipe]")
 @click.option("--lr", type=float,
-              help="Peak learning rate [recipe; the default recipe's: 1e-4 for seed, 1e-3 for small and tiny].")
+              help="Peak learning rate [recipe; the default recipe's: 1e-4 for seed, 1e-3 for small and "
+                   "tiny].")
 @click.option("--weight-decay", type=float, help="[recipe]")
 @click.option("--optimizer", type=click.Choice(CHOICES["optimizer"]), help="[recipe]")
 @click.option("--schedule", type=click.Choice(CHOICES["schedule"]), help="[recipe]")
 @click.option("--loss", type=click.Choice(CHOICES["loss"]), help="On the standardised mass [recipe].")
-@click.option("--huber-delta", type=float, help="Huber transition, in standard deviations of the mass [recipe].")
+@click.option("--huber-delta", type=float,
+              help="Huber transition, in standard deviations of the mass [recipe].")
 @click.option("--grad-clip", type=float, help="Max global gradient norm; 0 = off [recipe].")
-@click.option("--norm", type=click.Choice(CHOICES["norm"]), help="Images: z-score from /stats or fixed scales.")
+@click.option("--norm", type=click.Choice(CHOICES["norm"]),
+              help="Images: z-score from /stats or fixed scales.")
 @click.option("--aux/--no-aux", default=None, help="Feed pt, ieta, iphi to the model [recipe].")
 @click.option("--flips/--no-flips", default=None, help="Random flips in eta and phi while training [recipe].")
-@click.option("--patch-norm/--no-patch-norm", default=None, help="LayerNorm over raw patch pixels [preset's].")
+@click.option("--patch-norm/--no-patch-norm", default=None,
+              help="LayerNorm over raw patch pixels [preset's].")
 @click.option("--device", type=click.Choice(CHOICES["device"]), default="auto", show_default=True)
 @click.option("--amp/--no-amp", default=False, show_default=True, help="bf16 autocast (CUDA only).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
-@click.option("--resume", type=click.Path(file_okay=False, exists=True), help="Continue RUN_DIR from last.pt.")
+@click.option("--resume", type=click.Path(file_okay=False, exists=True),
+              help="Continue RUN_DIR from last.pt.")
 @click.option("--force", is_flag=True, help="Overwrite a run directory that already holds a run.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-train-samples", type=int, help="Use only the first N train rows (quick runs).")
-@click.option("--eval-every", type=int, default=1, show_default=True, help="Validate every N epochs (and last).")
+@click.option("--eval-every", type=int, default=1, show_default=True,
+              help="Validate every N epochs (and last).")
 @click.pass_context
 def main(ctx, data, recipe, **_):
     """Train the DeepViT mass regressor on DATA.h5 (several files = shards of one data set)."""
