@@ -9,10 +9,11 @@ One run measures, on the same file and the same shuffled batches of the train sp
   h5py      h5py fancy indexing of each batch (indices sorted per batch, as h5py requires), one open file
   in-RAM    the whole /images loaded into a torch float16 tensor, indexed per batch (index_select with the
             default threads and with 1 thread, and ram[idx]; the fastest is the reference)
-Methods run round-robin (the order rotated each pass), `passes` times each, so a change in the machine's load hits all of them alike; the best
-pass and the median are printed (the best is the least disturbed by other users). The file is built
-in the layout directly with h5py from random sparse float16 data, then read once in full, so it is in the page
-cache for all three (dropping the cache needs root): this measures the CPU cost of each path, not the disk.
+Methods run round-robin (the order rotated each pass), `passes` times each, so a change in the machine's load
+hits all of them alike; the best pass and the median are printed (the best is the least disturbed by other
+users). The file is built in the layout directly with h5py from random sparse float16 data, then read once in
+full, so it is in the page cache for all three (dropping the cache needs root): this measures the CPU cost of
+each path, not the disk.
 """
 from __future__ import annotations
 

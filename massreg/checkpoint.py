@@ -31,7 +31,8 @@ import torch
 
 FORMAT = "massreg-checkpoint"
 VERSION = 1
-REQUIRED_KEYS = ("model", "model_config", "train_config", "epoch", "step", "normalizer", "target", "aux", "data")
+REQUIRED_KEYS = ("model", "model_config", "train_config", "epoch", "step", "normalizer", "target", "aux",
+                 "data")
 
 
 class CheckpointError(Exception):
@@ -79,7 +80,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
-    """Write `payload` (with format/version added) to `path` atomically: temp file beside it, then os.replace."""
+    """Write `payload` (with format/version added) to `path` atomically: temp file beside it, then
+    os.replace."""
     payload = {"format": FORMAT, "version": VERSION, **payload}
     return atomic_write(path, lambda fh: torch.save(payload, fh))
 
@@ -99,7 +101,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle / zip / weights_only errors all mean "not a checkpoint we wrote"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a massreg checkpoint (torch.load failed: {first[:200]})") from None
+        raise CheckpointError(f"{path}: not a massreg checkpoint "
+                              f"(torch.load failed: {first[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a massreg checkpoint (no format '{FORMAT}'); "
                               "pass a best_*.pt or last.pt written by massreg.train")
@@ -108,7 +111,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                               f"version {VERSION}; re-train or use the matching massreg release")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
-        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}; it was not written by massreg.train")
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}; "
+                              "it was not written by massreg.train")
     return ckpt
 
 
@@ -183,7 +187,8 @@ def restore(ckpt: dict, device: str | torch.device = "cpu") -> Restored:
     try:
         model_config = ModelConfig(**ckpt["model_config"])
     except (TypeError, ValueError) as exc:  # unknown field, or an impossible value
-        raise CheckpointError(f"checkpoint model_config does not fit this massreg's ModelConfig: {exc}") from None
+        raise CheckpointError("checkpoint model_config does not fit this massreg's ModelConfig: "
+                              f"{exc}") from None
     model = build_model(model_config)
     try:
         model.load_state_dict(ckpt["model"])

@@ -28,8 +28,8 @@ def encode_aux(aux_scaler, aux: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(out, dtype=torch.float32, device=aux.device)
 
 
-def forward(model: torch.nn.Module, batch: dict, *, normalizer: torch.nn.Module, aux_scaler, device: torch.device,
-            amp: bool) -> torch.Tensor:
+def forward(model: torch.nn.Module, batch: dict, *, normalizer: torch.nn.Module, aux_scaler,
+            device: torch.device, amp: bool) -> torch.Tensor:
     """Model output in standardised target units, (B,) float32, for one loader batch."""
     images = batch["images"].to(device, non_blocking=True)         # (B, C, 125, 125) float16
     x = normalizer(images)                                          # (B, C, 125, 125) float32

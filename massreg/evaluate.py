@@ -1,6 +1,7 @@
 """Evaluate a trained checkpoint on one split of one or more converted HDF5 files.
 
-Usage: python -m massreg.evaluate CHECKPOINT DATA.h5 [DATA2.h5 ...] [--split test] [--out DIR] [--max-mae-ratio 0.7]
+Usage: python -m massreg.evaluate CHECKPOINT DATA.h5 [DATA2.h5 ...] [--split test] [--out DIR]
+           [--max-mae-ratio 0.7]
 
 Restores the model (massreg.checkpoint.restore), predicts every row of the split (massreg.engine.predict),
 and reports MAE, RMSE, MRE, bias and resolution in GeV overall and per true-mass bin, beside a constant
@@ -49,7 +50,8 @@ class EvaluateConfig:
     amp: bool = False              # bf16 autocast on CUDA
     workers: int = 0
     n_bins: int = 10               # equal-width true-mass bins over the train split's [m_min, m_max]
-    max_mae_ratio: float | None = None  # fail (after writing) if MAE model / constant is above this (demo, CI)
+    # fail (after writing) if MAE model / constant is above this (demo, CI)
+    max_mae_ratio: float | None = None
     force: bool = False            # replace an evaluation already in the output folder
 
     def validate(self) -> None:
@@ -58,7 +60,8 @@ class EvaluateConfig:
         if self.split not in (*SPLITS, ALL):
             raise EvaluateError(f"--split {self.split!r}: choose one of {', '.join((*SPLITS, ALL))}")
         if self.batch_size < 1 or self.workers < 0 or self.n_bins < 1:
-            raise EvaluateError(f"batch_size {self.batch_size}, workers {self.workers}, n_bins {self.n_bins}: "
+            raise EvaluateError(f"batch_size {self.batch_size}, workers {self.workers}, "
+                                f"n_bins {self.n_bins}: "
                                 "batch_size and n_bins must be >= 1, workers >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise EvaluateError(f"--device {self.device!r}: choose auto, cpu or cuda")
@@ -186,8 +189,9 @@ def check_bound(report: dict, max_mae_ratio: float | None) -> None:
     """EvaluateError when the model's MAE is above max_mae_ratio x the constant predictor's."""
     ratio = report.get("mae_ratio")
     if max_mae_ratio is not None and (ratio is None or ratio > max_mae_ratio):
-        raise EvaluateError(f"MAE model / constant = {ratio if ratio is None else format(ratio, '.3f')} is above "
-                            f"the bound {max_mae_ratio} (model MAE {report['model']['mae']:.2f} GeV, constant "
+        raise EvaluateError(f"MAE model / constant = {ratio if ratio is None else format(ratio, '.3f')} "
+                            f"is above the bound {max_mae_ratio} "
+                            f"(model MAE {report['model']['mae']:.2f} GeV, constant "
                             f"{report['constant']['mae']:.2f} GeV); see {report['out_dir']}")
 
 
@@ -226,19 +230,21 @@ def format_report(report: dict) -> str:
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--amp/--no-amp", default=False, show_default=True, help="bf16 autocast on CUDA.")
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader workers.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
+              help="DataLoader workers.")
 @click.option("--bins", "n_bins", default=10, show_default=True, type=click.IntRange(min=1),
               help="Number of true-mass bins in the table and plots.")
 @click.option("--max-mae-ratio", type=float, default=None,
-              help="Exit non-zero (after writing everything) if MAE model / constant predictor is above this.")
+              help="Exit non-zero (after writing everything) if MAE model / constant predictor "
+                   "is above this.")
 @click.option("--force", is_flag=True, help="Replace an evaluation already in the output folder.")
 def main(checkpoint, data, split, out, batch_size, device, amp, workers, n_bins, max_mae_ratio, force):
     """Evaluate CHECKPOINT on a split of DATA.h5 (several files = one data set)."""
     from massreg.checkpoint import CheckpointError
     from massreg.data import LayoutError
-    config = EvaluateConfig(checkpoint=checkpoint, data=list(data), split=split, out=out, batch_size=batch_size,
-                            device=device, amp=amp, workers=workers, n_bins=n_bins, max_mae_ratio=max_mae_ratio,
-                            force=force)
+    config = EvaluateConfig(checkpoint=checkpoint, data=list(data), split=split, out=out,
+                            batch_size=batch_size, device=device, amp=amp, workers=workers, n_bins=n_bins,
+                            max_mae_ratio=max_mae_ratio, force=force)
     try:
         report = evaluate(config, progress=sys.stderr.isatty())
         click.echo(format_report(report))

@@ -1,7 +1,7 @@
 """DeepViT (Zhou et al. 2021, arXiv 2103.11886) regressing one scalar (the jet mass) from detector images.
 
 The network of lucidrains' vit-pytorch `vit_pytorch/deepvit.py`, as printed in the original write-up
-(/work/shared/reference/seed-task3a-regression.md): a pre-norm transformer whose attention mixes the heads'
+(../shared/reference/seed-task3a-regression.md): a pre-norm transformer whose attention mixes the heads'
 attention maps after the softmax ("re-attention") with a learned heads x heads matrix, then LayerNorms over
 the heads. The tests copy vit-pytorch's weights into this model and require equal outputs and gradients.
 What differs is how it is computed:
@@ -33,7 +33,8 @@ class Dropout(nn.Dropout):
 
     On the CPU in eager mode the mask is drawn as 31-bit integers r, kept where r >= round(p * 2**31):
     PyTorch's CPU `bernoulli_` draws a double per element in a serial loop and took 18-35% of a training
-    step of the `small` preset; `random_` on int32 is one raw Mersenne-Twister draw per element, ~3x cheaper. On CUDA and under torch.compile `F.dropout` is fused already and used as is. Both draw from
+    step of the `small` preset; `random_` on int32 is one raw Mersenne-Twister draw per element, ~3x
+    cheaper. On CUDA and under torch.compile `F.dropout` is fused already and used as is. Both draw from
     the global generator, so torch.manual_seed reproduces the masks.
     """
 

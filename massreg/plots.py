@@ -51,8 +51,9 @@ def plot_history(metrics_csv_or_df, out_path) -> Path:
     """Train and val loss against epoch (log scale when positive) and val MAE in GeV on a second panel."""
     df = metrics_csv_or_df if isinstance(metrics_csv_or_df, pd.DataFrame) else pd.read_csv(metrics_csv_or_df)
     if df.empty:
-        raise ValueError(f"{metrics_csv_or_df if not isinstance(metrics_csv_or_df, pd.DataFrame) else 'history'}"
-                         " has no rows: train at least one epoch before plotting")
+        raise ValueError(
+            f"{metrics_csv_or_df if not isinstance(metrics_csv_or_df, pd.DataFrame) else 'history'}"
+            " has no rows: train at least one epoch before plotting")
     epoch_col = _column(df, "epoch")
     epochs = df[epoch_col].to_numpy() if epoch_col else np.arange(1, len(df) + 1)
     fig = Figure(figsize=(10, 4), layout="constrained")

@@ -3,13 +3,13 @@
 Usage: python -m massreg.predict CHECKPOINT INPUT... --out FILE.csv|FILE.parquet [--split test] [--cuts top]
 
 INPUT is a Parquet file in the raw schema (or a directory of *.parquet), decoded in memory chunk by chunk by
-`pipeline.convert.read_parquet_chunks` (the converter's own decoding, float16 rounding and checks) with the
-checkpoint's channels; no cuts unless --cuts / --cut are given. Or INPUT is one of our HDF5 files: every row, or
-the rows of --split. The kind of each input is read from its first bytes, not its name.
+`pipeline.parallel.read_parquet_chunks` (the converter's own decoding, float16 rounding and checks) with the
+checkpoint's channels; no cuts unless --cuts / --cut are given. Or INPUT is one of our HDF5 files: every row,
+or the rows of --split. The kind of each input is read from its first bytes, not its name.
 
-The output (CSV or Parquet, by the suffix of --out; written atomically, an existing file only with --force) has
-one row per prediction: source (the input as given), row (the row number in that input: the Parquet row, or
-the HDF5 row of /images), m_pred (GeV) and m_true (GeV, the file's mass where it has one, else empty).
+The output (CSV or Parquet, by the suffix of --out; written atomically, an existing file only with --force)
+has one row per prediction: source (the input as given), row (the row number in that input: the Parquet row,
+or the HDF5 row of /images), m_pred (GeV) and m_true (GeV, the file's mass where it has one, else empty).
 The PredictConfig and checkpoint details go beside it in FILE.<suffix>.json (and, for Parquet, in its
 schema metadata).
 """
@@ -63,11 +63,13 @@ class PredictConfig:
         if not self.inputs:
             raise PredictError("give at least one INPUT (Parquet file, directory of *.parquet, or HDF5 file)")
         if Path(self.out).suffix.lower() not in OUT_SUFFIXES:
-            raise PredictError(f"--out {self.out}: the name must end in .csv or .parquet (it picks the format)")
+            raise PredictError(f"--out {self.out}: the name must end in .csv or .parquet "
+                               "(it picks the format)")
         if Path(self.out).exists() and not self.force:
             raise PredictError(f"--out {self.out} exists; pass --force to replace it")
         if not Path(self.out).resolve().parent.is_dir():
-            raise PredictError(f"--out {self.out}: folder {Path(self.out).parent} does not exist; create it first")
+            raise PredictError(f"--out {self.out}: folder {Path(self.out).parent} does not exist; "
+                               "create it first")
         if self.split is not None and self.split not in SPLITS:
             raise PredictError(f"--split {self.split!r}: choose one of {', '.join(SPLITS)}")
         if self.batch_size < 1 or self.chunk_size < 1 or self.workers < 0:
@@ -188,7 +190,8 @@ def parquet_batches(path: str, *, channels, aux_names, batch_size: int, chunk_si
         m = scalars["m"].astype(np.float64) if "m" in scalars else np.full(n, np.nan)
         missing = [a for a in aux_names if a not in scalars]
         if missing:
-            raise PredictError(f"{path}: the checkpoint's model takes {', '.join(aux_names)} but the file has no "
+            raise PredictError(f"{path}: the checkpoint's model takes {', '.join(aux_names)} "
+                               f"but the file has no "
                                f"{', '.join(missing)} (scalar columns: {', '.join(scalars)})")
         aux = (np.stack([scalars[a] for a in aux_names], axis=1).astype(np.float32) if aux_names
                else np.zeros((n, 0), dtype=np.float32))
@@ -214,7 +217,8 @@ def counted(loader, bar) -> Iterator[dict]:
 
 # ------------------------------------------------------------------------------------------------ run
 
-def predict_file(path: str, kind: str, restored, config: PredictConfig, device, *, progress: bool) -> pd.DataFrame:
+def predict_file(path: str, kind: str, restored, config: PredictConfig, device, *,
+                 progress: bool) -> pd.DataFrame:
     """Predictions for one input as a DataFrame with COLUMNS."""
     from massreg import engine
 
@@ -224,7 +228,8 @@ def predict_file(path: str, kind: str, restored, config: PredictConfig, device, 
     if kind == "hdf5":
         from massreg.data import H5Images, make_loader
         if config.cuts is not None or config.extra_cuts:
-            raise PredictError(f"{path}: --cuts/--cut apply to Parquet inputs only (an HDF5 file was cut when "
+            raise PredictError(f"{path}: --cuts/--cut apply to Parquet inputs only "
+                               "(an HDF5 file was cut when "
                                "converted); predict HDF5 files in a separate call")
         ds = H5Images(path, config.split, aux=aux_names)
         check_channels(restored.channels, ds.channels, path)
@@ -241,7 +246,8 @@ def predict_file(path: str, kind: str, restored, config: PredictConfig, device, 
         channels = parse_channels(list(restored.channels))  # the checkpoint's channels, by name
         cuts, skipped = parquet_cuts(config, path)
         if skipped and progress:
-            tqdm.write(f"{path}: cut(s) {', '.join(skipped)} skipped: the file lacks their column", file=sys.stderr)
+            tqdm.write(f"{path}: cut(s) {', '.join(skipped)} skipped: the file lacks their column",
+                       file=sys.stderr)
         rows = kept_rows(path, cuts)
         record = {"row": [], "m": []}
         total = None if rows is None else int(rows.size)
@@ -255,8 +261,9 @@ def predict_file(path: str, kind: str, restored, config: PredictConfig, device, 
     pred = out["pred"]
     bad = ~np.isfinite(pred)
     if bad.any():
-        raise PredictError(f"{path}: {int(bad.sum())} of {pred.size} predictions are NaN or infinite (first at "
-                           f"row {int(row[np.argmax(bad)])}): the checkpoint or the input is broken")
+        raise PredictError(f"{path}: {int(bad.sum())} of {pred.size} predictions are NaN or infinite "
+                           f"(first at row {int(row[np.argmax(bad)])}): "
+                           "the checkpoint or the input is broken")
     return pd.DataFrame({"source": pd.Series([path] * pred.size, dtype="string"),
                          "row": row.astype(np.int64), "m_pred": pred.astype(np.float64),
                          "m_true": m_true.astype(np.float64)})
@@ -285,7 +292,8 @@ def predict(config: PredictConfig, *, progress: bool = False) -> pd.DataFrame:
     frames = [predict_file(path, kind, restored, config, device, progress=progress) for path, kind in inputs]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COLUMNS))
     if not df["m_true"].notna().any():
-        df = df.drop(columns="m_true")  # no input had a mass: leave the column out rather than fill it with NaN
+        # no input had a mass: leave the column out rather than fill it with NaN
+        df = df.drop(columns="m_true")
     out = Path(config.out)
     meta = {"config": asdict(config), "checkpoint": {"path": config.checkpoint, "epoch": ckpt.get("epoch"),
                                                      "model_config": ckpt.get("model_config"),
@@ -310,7 +318,8 @@ def predict(config: PredictConfig, *, progress: bool = False) -> pd.DataFrame:
               help="Parquet inputs: the converter's cut preset [default: no cuts].")
 @click.option("--cut", "extra_cuts", multiple=True, metavar="EXPR",
               help="Parquet inputs: an extra cut in the converter's syntax, e.g. '|eta| < 1.4'; repeatable.")
-@click.option("--clip", is_flag=True, help="Parquet inputs: saturate values beyond float16's range, as convert.")
+@click.option("--clip", is_flag=True,
+              help="Parquet inputs: saturate values beyond float16's range, as convert.")
 @click.option("--chunk-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Parquet row groups per read.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
@@ -326,8 +335,8 @@ def main(checkpoint, inputs, out, split, cuts, extra_cuts, clip, chunk_size, bat
     from massreg.data import LayoutError
     from pipeline.parquet import ConvertError
     config = PredictConfig(checkpoint=checkpoint, inputs=list(inputs), out=out, split=split, cuts=cuts,
-                           extra_cuts=tuple(extra_cuts), clip=clip, chunk_size=chunk_size, batch_size=batch_size,
-                           device=device, amp=amp, workers=workers, force=force)
+                           extra_cuts=tuple(extra_cuts), clip=clip, chunk_size=chunk_size,
+                           batch_size=batch_size, device=device, amp=amp, workers=workers, force=force)
     try:
         df = predict(config, progress=sys.stderr.isatty())
     except (PredictError, EvaluateError, CheckpointError, LayoutError, ConvertError, OSError) as exc:

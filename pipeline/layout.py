@@ -16,7 +16,8 @@
         channel_count      (C,) float64, number of pixel values summed (n_train * 125 * 125)
         channel_sum, channel_sumsq, channel_mean, channel_std, channel_max   (C,) float64
         reference_scale    (C,) float64, fixed per-channel scales (REFERENCE_SCALES) for the names stored
-        <label>_{count,sum,sumsq,mean,std,min,max}   scalars for every float label (m_mean, m_std, pt_mean ...)
+        <label>_{count,sum,sumsq,mean,std,min,max}   scalars for every float label (m_mean, m_std,
+                                                     pt_mean ...)
 
 Sums are stored next to means so that several shards combine exactly (`combine_stats`).
 """

@@ -1,4 +1,5 @@
-"""DistributedDataParallel on CPU (gloo): a 2-process torchrun of the trainer against a single-process oracle."""
+"""DistributedDataParallel on CPU (gloo): a 2-process torchrun of the trainer against a single-process
+oracle."""
 from __future__ import annotations
 
 import json
@@ -19,7 +20,8 @@ from test_train import write_layout_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
+                                or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
 
@@ -39,8 +41,8 @@ def test_two_process_gloo_run_matches_single_process_evaluation(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     # one consistent run directory, written by rank 0 only
-    assert sorted(p.name for p in run.iterdir()) == ["best_mre.pt", "best_val_loss.pt", "config.json", "last.pt",
-                                                     "metrics.csv", "plots"]
+    assert sorted(p.name for p in run.iterdir()) == ["best_mre.pt", "best_val_loss.pt", "config.json",
+                                                     "last.pt", "metrics.csv", "plots"]
     assert proc.stdout.count("epoch 1/1") == 1  # one summary line, not one per rank
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["world_size"] == 2

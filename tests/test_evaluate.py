@@ -66,7 +66,8 @@ def make_file(path, n, *, seed=0, channels=CHANNELS, fmt=layout.FORMAT_NAME, sou
     x[rng.random(x.shape) < 0.95] = 0
     images = x.astype(np.float16)
     labels = {"m": rng.uniform(85, 500, n), "pt": rng.uniform(400, 1000, n),
-              "ieta": rng.integers(12, 44, n).astype(np.float64), "iphi": rng.integers(0, 72, n).astype(np.float64)}
+              "ieta": rng.integers(12, 44, n).astype(np.float64),
+              "iphi": rng.integers(0, 72, n).astype(np.float64)}
     codes = layout.split_codes(source_file, np.arange(n), seed=42, val_fraction=0.2, test_fraction=0.3)
     splits = {s: np.flatnonzero(codes == i).astype(np.int64) for i, s in enumerate(layout.SPLITS)}
     with h5py.File(path, "w") as f:
@@ -98,7 +99,8 @@ def make_file(path, n, *, seed=0, channels=CHANNELS, fmt=layout.FORMAT_NAME, sou
 
 
 def make_checkpoint(path, data_paths, *, channels=CHANNELS, aux=(), seed=0):
-    """A checkpoint of a tiny randomly initialised model in the contract's payload (as massreg.train saves)."""
+    """A checkpoint of a tiny randomly initialised model in the contract's payload (as massreg.train
+    saves)."""
     from dataclasses import asdict
 
     from massreg import checkpoint as ck
@@ -200,7 +202,8 @@ def test_evaluate_several_files_and_cli(setup, tmp_path):
     from massreg.evaluate import main
 
     d, data, ckpt = setup
-    res = CliRunner().invoke(main, [ckpt, *data, "--split", "val", "--out", str(tmp_path / "ev"), "--bins", "4"])
+    res = CliRunner().invoke(main, [ckpt, *data, "--split", "val", "--out", str(tmp_path / "ev"),
+                                    "--bins", "4"])
     assert res.exit_code == 0, res.output
     assert "MAE" in res.output and "constant" in res.output and "per true-mass bin" in res.output
     saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())

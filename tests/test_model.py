@@ -219,7 +219,7 @@ class NormOverKeys(nn.Module):
 
 
 def test_seed_preset_parameter_count_matches_reference():
-    with torch.device("meta"):                                  # shapes only: no 2 x 40 M values to initialise
+    with torch.device("meta"):                  # shapes only: no 2 x 40 M values to initialise
         ours, ref = build_model(model_config("seed")), reference_model(asdict(model_config("seed")))
     assert n_params(ours) == n_params(ref) == 40_397_161
 

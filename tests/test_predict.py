@@ -1,4 +1,5 @@
-"""massreg.predict: Parquet input against the converted HDF5 of the same rows, row ids, cuts, formats, errors."""
+"""massreg.predict: Parquet input against the converted HDF5 of the same rows, row ids, cuts, formats,
+errors."""
 from __future__ import annotations
 
 import json
@@ -43,16 +44,18 @@ def test_parquet_equals_converted_hdf5(world):
     for path in raw:
         part = from_pq[from_pq["source"] == path]
         assert part["row"].tolist() == list(range(21))
-        np.testing.assert_array_equal(part["m_true"].to_numpy(), pq.read_table(path, columns=["m"])["m"].to_numpy())
+        np.testing.assert_array_equal(part["m_true"].to_numpy(),
+                                      pq.read_table(path, columns=["m"])["m"].to_numpy())
     assert from_h5["row"].tolist() == list(range(42))
     # join each HDF5 row to its source (file, row) and require the same prediction
     with h5py.File(h5, "r") as f:
         names = [s["name"] for s in json.loads(f.attrs["source_files"])]
         src_file, src_row = f["labels/source_file"][()], f["labels/source_row"][()]
-    key_h5 = pd.DataFrame({"name": [names[i] for i in src_file], "src_row": src_row, "m_pred": from_h5["m_pred"],
-                           "m_true": from_h5["m_true"]})
+    key_h5 = pd.DataFrame({"name": [names[i] for i in src_file], "src_row": src_row,
+                           "m_pred": from_h5["m_pred"], "m_true": from_h5["m_true"]})
     key_pq = from_pq.assign(name=from_pq["source"].map(lambda s: s.rsplit("/", 1)[-1]))
-    joined = key_h5.merge(key_pq, left_on=["name", "src_row"], right_on=["name", "row"], suffixes=("_h5", "_pq"))
+    joined = key_h5.merge(key_pq, left_on=["name", "src_row"], right_on=["name", "row"],
+                          suffixes=("_h5", "_pq"))
     assert len(joined) == 42
     np.testing.assert_array_equal(joined["m_true_h5"], joined["m_true_pq"])
     np.testing.assert_allclose(joined["m_pred_h5"], joined["m_pred_pq"], rtol=1e-6)
@@ -94,9 +97,10 @@ def test_cuts_and_legacy_names(world, tmp_path):
     ref = full[full["source"] == raw[1]].set_index("row").loc[got["row"]]
     np.testing.assert_allclose(got["m_pred"].to_numpy(), ref["m_pred"].to_numpy(), rtol=1e-6)
     # the write-ups' aliases (X_jets, am, apt) and several rows per row group
-    legacy = generate(tmp_path / "legacy", SynthConfig(process="top", rows=7, files=1, seed=9, rows_per_group=3,
-                                                       legacy_names=True))[0]
-    got = predict(PredictConfig(checkpoint=ckpt, inputs=[str(legacy)], out=str(tmp_path / "l.csv"), chunk_size=1))
+    legacy = generate(tmp_path / "legacy", SynthConfig(process="top", rows=7, files=1, seed=9,
+                                                       rows_per_group=3, legacy_names=True))[0]
+    got = predict(PredictConfig(checkpoint=ckpt, inputs=[str(legacy)], out=str(tmp_path / "l.csv"),
+                                chunk_size=1))
     assert got["row"].tolist() == list(range(7))
     np.testing.assert_array_equal(got["m_true"], pq.read_table(legacy, columns=["am"])["am"].to_numpy())
 

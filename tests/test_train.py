@@ -18,8 +18,8 @@ def payload(**extra) -> dict:
     base = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "model_config": {"dim": 8, "depth": 1},
             "train_config": {"lr": 1e-3, "channels": (0, 1)}, "optimizer": None, "scheduler": None,
             "epoch": 3, "step": 30, "best": {"val_loss": 0.5, "val_mre": 0.1},
-            "normalizer": {"mode": "stats", "mean": [0.0, 1.0], "std": [1.0, 2.0], "reference_scale": [1.0, 1.0],
-                           "channels": ["ecal", "hcal"]},
+            "normalizer": {"mode": "stats", "mean": [0.0, 1.0], "std": [1.0, 2.0],
+                           "reference_scale": [1.0, 1.0], "channels": ["ecal", "hcal"]},
             "target": {"mean": 290.0, "std": 120.0}, "aux": {"names": [], "mean": [], "std": []},
             "data": {"paths": ["a.h5"], "sizes": [10], "channels": ["ecal", "hcal"]},
             "rng": ck.capture_rng(), "metrics_history": [{"epoch": 1, "val_loss": 0.7}]}
@@ -140,8 +140,8 @@ def test_engine_predict_matches_numpy(with_aux):
     batches, images, auxv, m = fake_batches()
     model = AffineModel().train()
     aux_scaler = Scaler(np.float32(0.5), np.float32(2.0)) if with_aux else None
-    out = engine.predict(model, batches, normalizer=Halve(), target=Scaler(300.0, 100.0), aux_scaler=aux_scaler,
-                         device="cpu", amp=True)  # amp is a no-op on CPU
+    out = engine.predict(model, batches, normalizer=Halve(), target=Scaler(300.0, 100.0),
+                         aux_scaler=aux_scaler, device="cpu", amp=True)  # amp is a no-op on CPU
     z = 2 * (images.astype(np.float64) / 2).mean(axis=(1, 2, 3))
     if with_aux:
         z = z + ((auxv - 0.5) / 2.0).sum(axis=1)
@@ -201,9 +201,9 @@ def write_layout_file(path, n=48, channels=("track_pt", "dz", "d0", "ecal"), see
         for name, values in labels.items():
             v = values[train]
             mean, std = layout.finish_stats(v.size, v.sum(), (v ** 2).sum())
-            stats.update({f"{name}_count": float(v.size), f"{name}_sum": v.sum(), f"{name}_sumsq": (v ** 2).sum(),
-                          f"{name}_mean": float(mean), f"{name}_std": float(std), f"{name}_min": v.min(),
-                          f"{name}_max": v.max()})
+            stats.update({f"{name}_count": float(v.size), f"{name}_sum": v.sum(),
+                          f"{name}_sumsq": (v ** 2).sum(), f"{name}_mean": float(mean),
+                          f"{name}_std": float(std), f"{name}_min": v.min(), f"{name}_max": v.max()})
         for key, value in stats.items():
             f[f"stats/{key}"] = value
         if drop:
@@ -229,9 +229,9 @@ def test_lr_schedules_match_torch():
         sched.step()
     c = build_config("default", data=("x.h5",), epochs=10, lr=1e-3, warmup_fraction=0.1, min_lr_ratio=0.01)
     lrs = [lr_at(c, s, 10) for s in range(100)]
-    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)        # linear warm-up over 10 steps
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warm-up over 10 steps
     assert max(lrs) == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-5, rel=0.05)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))                          # then decays monotonically
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))                    # then decays monotonically
 
 
 def test_recipes_and_overrides():
@@ -239,8 +239,8 @@ def test_recipes_and_overrides():
 
     seed = build_config("seed", data=("x.h5",))
     # the original write-up, field by field
-    assert (seed.optimizer, seed.lr, seed.weight_decay, seed.schedule, seed.gamma, seed.batch_size, seed.epochs,
-            seed.loss, seed.norm, seed.aux, seed.flips, seed.model, seed.grad_clip) == \
+    assert (seed.optimizer, seed.lr, seed.weight_decay, seed.schedule, seed.gamma, seed.batch_size,
+            seed.epochs, seed.loss, seed.norm, seed.aux, seed.flips, seed.model, seed.grad_clip) == \
         ("adam", 1e-3, 1e-4, "exponential", 0.4, 32, 25, "mse", "stats", False, False, "seed", 0.0)
     c = build_config("seed", data=("x.h5",), lr=3e-4, loss="l1", device="cpu")
     assert (c.recipe, c.lr, c.loss, c.batch_size) == ("seed", 3e-4, "l1", 32)
@@ -248,9 +248,11 @@ def test_recipes_and_overrides():
     assert build_config(data=("x.h5",)).recipe == "default" and TrainConfig().model == "seed"
     # the default recipe's peak lr follows the model (seed 1e-4: 1e-3 barely trains it), unless --lr is given
     assert build_config(data=("x.h5",)).lr == 1e-4
-    assert build_config(data=("x.h5",), model="tiny").lr == build_config(data=("x.h5",), model="small").lr == 1e-3
+    assert (build_config(data=("x.h5",), model="tiny").lr == build_config(data=("x.h5",), model="small").lr
+            == 1e-3)
     c = build_config(data=("x.h5",), model="seed", lr=5e-4)
-    assert c.lr == 5e-4 and "lr" in c.overrides and build_config("seed", data=("x.h5",), model="tiny").lr == 1e-3
+    assert (c.lr == 5e-4 and "lr" in c.overrides
+            and build_config("seed", data=("x.h5",), model="tiny").lr == 1e-3)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -303,7 +305,8 @@ def data_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_file):
-    """One 2-epoch run of the default recipe (aux, flips, reference norm), recording which splits were opened."""
+    """One 2-epoch run of the default recipe (aux, flips, reference norm), recording which splits were
+    opened."""
     from massreg import data
 
     opened = []
@@ -332,19 +335,21 @@ def test_run_dir_contents(tiny_run, data_file):
     assert {"config.json", "metrics.csv", "last.pt", "best_val_loss.pt", "best_mre.pt", "plots"} <= names
     assert not [n for n in names if n.endswith(".tmp")]
     plots = sorted(p.name for p in (run / "plots").iterdir())
-    assert plots == ["history.png", "val_pred_vs_true.png", "val_residuals.png", "val_response_resolution.png"]
+    assert plots == ["history.png", "val_pred_vs_true.png", "val_residuals.png",
+                     "val_response_resolution.png"]
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["train"]["recipe"] == "default" and cfg["train"]["model"] == "tiny"
     assert cfg["train"]["batch_size"] == 8 and "batch_size" in cfg["train"]["overrides"]
     assert cfg["train"]["loss"] == "huber" and cfg["model"]["num_aux"] == 3
     df = pd.read_csv(run / "metrics.csv")
-    assert list(df.columns) == ["epoch", "train_loss", "val_loss", "val_mae", "val_mre", "val_resolution", "lr",
-                                "seconds", "samples_per_s"]
+    assert list(df.columns) == ["epoch", "train_loss", "val_loss", "val_mae", "val_mre", "val_resolution",
+                                "lr", "seconds", "samples_per_s"]
     assert df["epoch"].tolist() == [1, 2] and df.notna().all().all()
     last = ck.load_checkpoint(run / "last.pt")
     assert last["epoch"] == 2 and last["step"] == 2 * 3  # 24 train rows / batch 8
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in last["model"])
-    assert last["train_config"]["data"] == [str(data_file)] or last["train_config"]["data"] == (str(data_file),)
+    assert (last["train_config"]["data"] == [str(data_file)]
+            or last["train_config"]["data"] == (str(data_file),))
 
 
 def test_best_checkpoint_reproduces_logged_val_metrics(tiny_run, data_file):
