@@ -1,4 +1,5 @@
-"""Tests of pipeline.synth: Parquet schema, chunks and row groups, determinism, physics sanity, CLI."""
+"""Tests of pipeline.synth: Parquet schema, chunks and row groups, determinism, physics sanity, calibration
+against the real data's statistics, the report, CLI."""
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.layout import CHANNEL_NAMES, COLUMN_ALIASES, REFERENCE_SCALES
-from pipeline.synth import (SynthConfig, SynthError, chunk_rng, four_vector, generate, main, simulate,
-                            two_body)
+from pipeline.synth import (SynthConfig, SynthError, chunk_rng, format_report, four_vector, generate, main,
+                            report, simulate, to_table, two_body)
 
 SIZE = 125
 CH = {name: i for i, name in enumerate(CHANNEL_NAMES)}
@@ -160,6 +161,7 @@ def test_image_structure(process, top, a2gg):
     tracks = x[:, CH["track_pt"]] != 0                                  # impact parameters only on tracks
     for name in ("dz", "d0"):
         assert np.all((x[:, CH[name]] != 0) == tracks)
+    assert np.abs(x).max() < 1e4                                        # physical, far inside float16's range
 
 
 # -------------------------------------------------------------------------------------------------- physics
@@ -250,6 +252,87 @@ def test_a2gg_photon_separation_grows_with_m_over_pt(a2gg):
     assert np.median(width[resolved]) > np.median(width[merged]) + 0.7
 
 
+# --------------------------------------------------------------------- calibration against the real data
+
+# CONTEXT.md "Real-data statistics" (top_gun_opendata, public notebooks), typed here rather than read from
+# pipeline.synth so that the test does not move with the module: nonzero pixels per jet after the notebook's
+# thresholds (track pT >= 1 GeV, also for the dz / d0 pixels; ECAL >= 0.1 GeV; HCAL >= 0.01 GeV), pixel
+# layers ~0.2 % of 15,625 pixels; 7.8 kB per row on disk; all-pixel std of dz / d0 0.47 / 0.77 cm.
+REAL_NONZERO = {"track_pt": 27, "dz": 27, "d0": 22, "ecal": 271, "hcal": 703,
+                "pix1": 0.002 * SIZE ** 2, "pix2": 0.002 * SIZE ** 2, "pix3": 0.002 * SIZE ** 2}
+REAL_BYTES_PER_ROW = 7.8e3
+REAL_STD_ALL = {"dz": 0.47, "d0": 0.77}
+
+
+@pytest.fixture(scope="module")
+def top_report(tmp_path_factory):
+    """The report of 200 generated top jets written as the real files are (one row per row group)."""
+    paths = generate(tmp_path_factory.mktemp("calib"), SynthConfig(process="top", rows=200, seed=31))
+    return report(paths)
+
+
+@pytest.mark.parametrize("name", CHANNEL_NAMES)
+def test_occupancy_within_1p5_of_real(top_report, name):
+    got = top_report["channels"][name]["nonzero_per_jet"]
+    assert REAL_NONZERO[name] / 1.5 <= got <= REAL_NONZERO[name] * 1.5, (name, got, REAL_NONZERO[name])
+
+
+def test_bytes_per_row_within_1p5_of_real(top_report):
+    assert REAL_BYTES_PER_ROW / 1.5 <= top_report["bytes_per_row"] <= REAL_BYTES_PER_ROW * 1.5
+
+
+@pytest.mark.parametrize("name", ["dz", "d0"])
+def test_impact_parameter_spread_is_centimetres(top_report, name):
+    """Pileup vertices and secondary interactions: the all-pixel std within 3x of the real 0.47 / 0.77 cm
+    (prompt tracks alone give ~0.002 cm)."""
+    got = top_report["channels"][name]["std_all"]
+    assert REAL_STD_ALL[name] / 3 <= got <= REAL_STD_ALL[name] * 3, (name, got)
+
+
+def test_report_is_exact_on_known_images(tmp_path):
+    """Two hand-made jets: every figure of the report by hand."""
+    x = np.zeros((2, 8, SIZE, SIZE))
+    x[0, CH["track_pt"], 0, :2] = [0.5, 3.0]                            # one track under 1 GeV, one over
+    x[0, CH["dz"], 0, :2] = [-2.0, 4.0]
+    x[0, CH["d0"], 0, :2] = [1.0, -1.0]
+    x[1, CH["track_pt"], 5, 5] = 1.0                                    # exactly at the threshold: counted
+    x[1, CH["dz"], 5, 5] = 0.5
+    x[1, CH["d0"], 5, 5] = 0.25
+    x[0, CH["ecal"], 10, 10:13] = [0.05, 0.1, 2.0]
+    x[1, CH["hcal"], :5, :5] = 0.008                                    # a tower under the 0.01 threshold
+    x[1, CH["hcal"], 5:10, :5] = 0.2
+    x[0, CH["pix1"], 3, 3] = 2.0
+    events = {"X_jet": x, "m": np.array([100.0, 200.0]), "pt": np.array([500.0, 600.0]),
+              "ieta": np.array([20.0, 30.0]), "iphi": np.array([1.0, 2.0])}
+    path = tmp_path / "known.parquet"
+    pq.write_table(to_table(events), path, row_group_size=1)
+    rep = report([path], batch_rows=1)                                  # one jet per batch: sums carried
+    ch = rep["channels"]
+    assert rep["rows"] == 2 and rep["bytes_per_row"] == path.stat().st_size / 2
+    assert ch["track_pt"]["nonzero_per_jet_raw"] == 1.5 and ch["track_pt"]["nonzero_per_jet"] == 1.0
+    assert ch["track_pt"]["mean_nonzero"] == pytest.approx(2.0) and ch["track_pt"]["std_nonzero"] == 1.0
+    assert ch["track_pt"]["max_abs_nonzero"] == 3.0
+    assert ch["dz"]["nonzero_per_jet"] == 1.0 and ch["dz"]["nonzero_per_jet_raw"] == 1.5
+    assert ch["dz"]["mean_nonzero"] == pytest.approx(2.25)              # (4 + 0.5) / 2: the -2 is on 0.5 GeV
+    assert ch["d0"]["mean_nonzero"] == pytest.approx(-0.375) and ch["d0"]["max_abs_nonzero"] == 1.0
+    assert ch["ecal"]["nonzero_per_jet"] == 1.0 and ch["ecal"]["nonzero_per_jet_raw"] == 1.5
+    assert ch["ecal"]["mean_nonzero"] == pytest.approx(1.05)
+    assert ch["hcal"]["nonzero_per_jet"] == 12.5 and ch["hcal"]["nonzero_per_jet_raw"] == 25.0
+    assert ch["pix1"]["nonzero_per_jet"] == 0.5 and ch["pix2"]["nonzero_per_jet"] == 0.0
+    pixels = 2 * SIZE ** 2                                              # all-pixel figures: raw values
+    assert ch["dz"]["mean_all"] == pytest.approx(2.5 / pixels)
+    assert ch["dz"]["std_all"] == pytest.approx(np.sqrt(20.25 / pixels - (2.5 / pixels) ** 2))
+    assert ch["track_pt"]["real"]["nonzero_per_jet"] == 27               # the real figures travel with it
+    text = format_report(rep)
+    assert "| ecal | >= 0.1 | 1.0 | 271 | 1.5 |" in text and "bytes per row" in text
+    assert report([path], max_rows=1)["rows"] == 1
+
+
+def test_report_refuses_no_files():
+    with pytest.raises(SynthError):
+        report([])
+
+
 # ---------------------------------------------------------------------------------------- errors and CLI
 
 def test_generate_refuses_existing_and_force_replaces(tmp_path):
@@ -292,4 +375,22 @@ def test_cli(tmp_path):
 
     help_ = runner.invoke(main, ["--help"])
     assert help_.exit_code == 0 and "--rows-per-group" in help_.output and "a2gg" in help_.output
+    assert "--report-only" in help_.output
     assert runner.invoke(main, [str(tmp_path / "c"), "--rows", "0"]).exit_code == 2
+
+
+def test_cli_report(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "raw"
+    result = runner.invoke(main, [str(out), "--rows", "3", "--seed", "4", "--report"])
+    assert result.exit_code == 0, result.output
+    assert "3 jets from 1 file(s)" in result.output and "| hcal | >= 0.01 |" in result.output
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    only = runner.invoke(main, [str(out), "--report-only"])             # reads, writes nothing
+    assert only.exit_code == 0, only.output
+    assert "3 jets from 1 file(s)" in only.output and "wrote" not in only.output
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
+    mixed = runner.invoke(main, [str(out), "--report-only", "--rows", "5", "--force"])
+    assert mixed.exit_code == 2 and "drop --rows, --force" in mixed.output
+    empty = runner.invoke(main, [str(tmp_path / "none"), "--report-only"])
+    assert empty.exit_code == 1 and "no *.parquet" in empty.output and "Traceback" not in empty.output
