@@ -1,16 +1,20 @@
 """Evaluate a trained checkpoint on one split of one or more converted HDF5 files.
 
 Usage: python -m massreg.evaluate CHECKPOINT DATA.h5 [DATA2.h5 ...] [--split test] [--out DIR]
-           [--max-mae-ratio 0.7]
+           [--max-mae-ratio 0.7] [--knn 30] [--knn-train-rows 20000]
 
 Restores the model (massreg.checkpoint.restore), predicts every row of the split (massreg.engine.predict),
-and reports MAE, RMSE, MRE, bias and resolution in GeV overall and per true-mass bin, beside a constant
-predictor that always answers the TRAIN mean mass from the files' /stats, so the gain is visible. Writes
-into --out (default: `eval_<split>/` beside the checkpoint), each file atomically; a folder that already
-holds an evaluation is refused before any work, unless --force:
+and reports MAE, RMSE, MRE, bias and resolution in GeV overall and per true-mass bin, beside two baselines,
+so the gain is visible: a constant predictor that always answers the TRAIN mean mass from the files' /stats,
+and a physics baseline (massreg.baselines): the k-nearest-neighbour mean mass in (invariant mass of the
+ECAL + HCAL pixels, pT), fitted on a seeded subsample of the train split. The evaluated split's pixel masses
+are computed from the batches the model reads (one pass over its images); the train subsample is read
+separately, calorimeter channels only. Writes into --out (default: `eval_<split>/` beside the checkpoint),
+each file atomically; a folder that already holds an evaluation is refused before any work, unless --force:
 
-    metrics.json                  the EvaluateConfig, checkpoint, data files, both metric sets, the bin table
-    bins.csv                      the per-bin table (model and constant predictor)
+    metrics.json                  the EvaluateConfig, checkpoint, data files, the three metric sets (model,
+                                  constant, knn with its settings or why it was skipped), the bin table
+    bins.csv                      the per-bin table (model, constant predictor (_const), kNN (_knn))
     <split>_pred_vs_true.png, <split>_residuals.png, <split>_response_resolution.png
 """
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +32,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from massreg.baselines import (CALO_CHANNELS, calo_channels, calo_energy, eta_from_ieta, fit_knn, knn_predict,
+                               pixel_mass)
 from massreg.checkpoint import atomic_write_text
 from massreg.metrics import binned_metrics, constant_baseline, mass_edges, regression_metrics
 from pipeline.layout import SPLITS
@@ -53,6 +60,9 @@ class EvaluateConfig:
     # fail (after writing) if MAE model / constant is above this (demo, CI)
     max_mae_ratio: float | None = None
     force: bool = False            # replace an evaluation already in the output folder
+    knn: int = 30                  # neighbours of the kNN physics baseline (massreg.baselines); 0: none
+    knn_train_rows: int = 20_000   # fit it on a seeded random subsample of at most this many train rows
+    knn_seed: int = 0              # seed of that subsample
 
     def validate(self) -> None:
         if not self.data:
@@ -67,6 +77,9 @@ class EvaluateConfig:
             raise EvaluateError(f"--device {self.device!r}: choose auto, cpu or cuda")
         if self.max_mae_ratio is not None and not self.max_mae_ratio > 0:
             raise EvaluateError(f"--max-mae-ratio {self.max_mae_ratio}: it must be > 0")
+        if self.knn < 0 or self.knn_train_rows < 1:
+            raise EvaluateError(f"--knn {self.knn}, --knn-train-rows {self.knn_train_rows}: --knn must be "
+                                ">= 0 (0 disables the baseline), --knn-train-rows >= 1")
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path(self.checkpoint).parent / f"eval_{self.split}"
@@ -111,13 +124,129 @@ def _json_safe(value):
     return value
 
 
-def bin_table(pred: np.ndarray, true: np.ndarray, train_mean: float, edges: np.ndarray) -> pd.DataFrame:
-    """Per true-mass bin: the model's metrics and, beside them, the constant predictor's (suffix _const)."""
+def bin_table(pred: np.ndarray, true: np.ndarray, train_mean: float, edges: np.ndarray,
+              knn_pred: np.ndarray | None = None) -> pd.DataFrame:
+    """Per true-mass bin: the model's metrics and, beside them, the constant predictor's (suffix _const) and,
+    when given, the kNN baseline's (suffix _knn)."""
     model = binned_metrics(pred, true, edges)
-    const = binned_metrics(np.full(true.shape, train_mean), true, edges)
-    for col in ("mae", "rmse", "mre", "bias", "response", "resolution"):
-        model[f"{col}_const"] = const[col]
+    others = {"const": np.full(true.shape, train_mean)}
+    if knn_pred is not None:
+        others["knn"] = knn_pred
+    for suffix, other in others.items():
+        table = binned_metrics(other, true, edges)
+        for col in ("mae", "rmse", "mre", "bias", "response", "resolution"):
+            model[f"{col}_{suffix}"] = table[col]
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the kNN physics baseline (definitions in massreg.baselines)
+
+
+def _jet_labels(dataset) -> tuple[np.ndarray, str, np.ndarray | None]:
+    """(eta_jet (n,), eta source, pt (n,) or None) for every row of an H5Images split, from its labels."""
+    from massreg.data import LayoutError
+    try:
+        eta, source = eta_from_ieta(dataset.label("ieta")), "ieta"
+    except LayoutError:
+        eta, source = np.zeros(len(dataset)), "none: no ieta label, eta_jet = 0"
+    try:
+        pt = np.asarray(dataset.label("pt"), dtype=np.float64)
+    except LayoutError:
+        pt = None
+    return eta, source, pt
+
+
+class PixelMassTap:
+    """Iterates `loader` unchanged and, on the way, writes each batch's pixel mass (GeV) into out[index].
+
+    So the evaluated split's images are read once, for the model and the baseline together. The pixel mass
+    is computed before the batch is handed on, while its (possibly reused) image buffer is still this batch.
+    """
+
+    def __init__(self, loader, channels, eta_jet: np.ndarray, out: np.ndarray):
+        self.loader, self.channels, self.eta_jet, self.out = loader, list(channels), eta_jet, out
+        self.seconds = 0.0  # time spent on the pixel masses
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            start = time.perf_counter()
+            idx = np.asarray(batch["index"], dtype=np.int64)  # (B,) positions in the split
+            self.out[idx] = pixel_mass(calo_energy(batch["images"], self.channels), self.eta_jet[idx])
+            self.seconds += time.perf_counter() - start
+            yield batch
+
+
+def read_pixel_mass(dataset, positions: np.ndarray, eta_jet: np.ndarray, *, batch_size: int = 256) \
+        -> np.ndarray:
+    """Pixel mass (GeV) of rows `positions` (sorted) of an H5Images split, reading only its ECAL/HCAL planes.
+
+    h5py reads the calorimeter channels of each batch of rows (a quarter of an 8-channel row's bytes, or
+    less); eta_jet: (len(positions),) the jet eta of each of these rows.
+    """
+    import h5py
+    channels = dataset.channels
+    calo = calo_channels(channels)
+    file, local = dataset.locate(positions)
+    out = np.empty(positions.size, dtype=np.float64)
+    for k, path in enumerate(dataset.paths):
+        sel = np.flatnonzero(file == k)  # positions sorted -> local rows of one file ascending
+        if not sel.size:
+            continue
+        with h5py.File(path, "r") as f:
+            images = f["images"]
+            for lo in range(0, sel.size, batch_size):
+                part = sel[lo:lo + batch_size]
+                rows = local[part]
+                energy = images[rows, calo[0]].astype(np.float64)  # (B, 125, 125)
+                for c in calo[1:]:
+                    energy += images[rows, c]
+                out[part] = pixel_mass(energy, eta_jet[part])
+    return out
+
+
+def knn_skip_reason(config: EvaluateConfig, channels) -> str | None:
+    """Why the kNN baseline cannot run for this config and these channel names, or None."""
+    if config.knn == 0:
+        return "disabled with --knn 0"
+    if not calo_channels(channels):
+        return (f"skipped: the files hold no calorimeter channel ({', '.join(CALO_CHANNELS)}) among "
+                f"{', '.join(channels)}")
+    return None
+
+
+def knn_baseline(config: EvaluateConfig, eval_mass: np.ndarray, eval_pt: np.ndarray | None,
+                 true: np.ndarray, eval_eta_source: str) -> tuple[np.ndarray | None, dict]:
+    """Fit the kNN on a seeded train subsample and predict the evaluated rows: (pred (N,) or None, block).
+
+    eval_mass, eval_pt: (N,) pixel mass and pT of the evaluated rows, in the order of `true`.
+    """
+    from massreg.data import H5Images
+    start = time.perf_counter()
+    train = H5Images(list(config.data), split="train")
+    channels = [train.channels[i] for i in calo_channels(train.channels)]
+    settings = {"k": config.knn, "train_rows_available": len(train), "seed": config.knn_seed,
+                "channels": channels, "eta_source": eval_eta_source,
+                "features": ["pixel_mass", "pt"] if eval_pt is not None else ["pixel_mass"]}
+    if len(train) == 0:
+        return None, {"skipped": "skipped: the train split has no rows to fit on", **settings}
+    rng = np.random.default_rng(config.knn_seed)
+    n_fit = min(config.knn_train_rows, len(train))
+    positions = np.sort(rng.choice(len(train), size=n_fit, replace=False))
+    eta, _, pt = _jet_labels(train)
+    mass = read_pixel_mass(train, positions, eta[positions], batch_size=config.batch_size)
+    fit_x = np.stack([mass] + ([pt[positions]] if eval_pt is not None else []), axis=1)  # (n_fit, F)
+    knn = fit_knn(fit_x, train.targets[positions], k=config.knn)
+    eval_x = np.stack([eval_mass] + ([eval_pt] if eval_pt is not None else []), axis=1)  # (N, F)
+    pred = knn_predict(knn, eval_x)
+    block = {"skipped": None, **settings, "k_used": knn.k, "train_rows": n_fit,
+             "seconds_fit_and_predict": time.perf_counter() - start, **regression_metrics(pred, true)}
+    if config.split in ("train", ALL):
+        block["note"] = f"the {config.split} rows evaluated include the train rows the kNN was fitted on"
+    return pred, block
 
 
 def evaluate(config: EvaluateConfig, *, progress: bool = False) -> dict:
@@ -142,12 +271,23 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> dict:
         raise EvaluateError(f"split {config.split!r} of {files} has no rows; pick another --split")
 
     loader = make_loader(dataset, batch_size=config.batch_size, shuffle=False, seed=0, workers=config.workers)
+    skip = knn_skip_reason(config, dataset.channels)
+    if skip is None:  # the kNN baseline needs the pixel mass of every evaluated row: taken from the same pass
+        eval_eta, eta_source, eval_pt = _jet_labels(dataset)
+        eval_mass = np.full(len(dataset), np.nan)
+        loader = tap = PixelMassTap(loader, dataset.channels, eval_eta, eval_mass)
     out = engine.predict(restored.model, loader, normalizer=restored.normalizer, target=restored.target,
                          aux_scaler=restored.aux_scaler, device=device, amp=config.amp, progress=progress)
     pred, true = out["pred"], out["true"]  # (N,) GeV each
     if not np.all(np.isfinite(pred)):
         raise EvaluateError(f"{int((~np.isfinite(pred)).sum())} of {pred.size} predictions of "
                             f"{config.checkpoint} are NaN or infinite: the checkpoint is broken")
+    knn_pred, knn_block = None, {"skipped": skip, "k": config.knn}
+    if skip is None:
+        order = out["index"]  # (N,) split position of each prediction
+        knn_pred, knn_block = knn_baseline(config, eval_mass[order],
+                                           None if eval_pt is None else eval_pt[order], true, eta_source)
+        knn_block["seconds_eval_pixel_mass"] = tap.seconds
 
     stats = dataset.stats
     train_mean = float(stats["m_mean"])  # the constant predictor: the train split's mean mass (GeV)
@@ -157,7 +297,7 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> dict:
     lo = min(float(stats.get("m_min", true.min())), float(true.min()))
     hi = max(float(stats.get("m_max", true.max())), float(true.max()))
     edges = mass_edges(lo, hi if hi > lo else lo + 1.0, config.n_bins)
-    bins = bin_table(pred, true, train_mean, edges)
+    bins = bin_table(pred, true, train_mean, edges, knn_pred)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = plot_predictions(pred, true, out_dir, config.split, edges=edges,
@@ -176,6 +316,9 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> dict:
         "model": model_metrics,
         "constant": {"value": train_mean, **const_metrics},
         "mae_ratio": model_metrics["mae"] / const_metrics["mae"] if const_metrics["mae"] > 0 else None,
+        "knn": knn_block,
+        "mae_ratio_knn": (model_metrics["mae"] / knn_block["mae"]
+                          if knn_pred is not None and knn_block["mae"] > 0 else None),
         "bins": bins.to_dict(orient="records"),
         "plots": [p.name for p in plots],
         "out_dir": str(out_dir),
@@ -196,26 +339,44 @@ def check_bound(report: dict, max_mae_ratio: float | None) -> None:
 
 
 def format_report(report: dict) -> str:
-    """The model's metrics beside the constant predictor's, overall and per true-mass bin, as text."""
-    m, c = report["model"], report["constant"]
+    """The model's metrics beside the constant predictor's and the kNN baseline's, overall and per true-mass
+    bin, as text."""
+    m, c, k = report["model"], report["constant"], report.get("knn") or {}
+    has_knn = k.get("mae") is not None
     files = ", ".join(Path(d["path"]).name for d in report["data"])
     lines = [f"{Path(report['checkpoint']['path']).name} on {report['split']} of {files}: {m['n']} rows",
-             f"{'':14s}{'model':>10s}  {'constant':>10s}   (constant = train mean {c['value']:.2f} GeV)"]
+             f"{'':14s}{'model':>10s}  {'constant':>10s}  {'kNN':>10s}"]
     for key, label, unit in (("mae", "MAE", " [GeV]"), ("rmse", "RMSE", " [GeV]"), ("mre", "MRE", ""),
                              ("bias", "bias", " [GeV]"), ("resolution", "resolution", "")):
-        lines.append(f"{label + unit:14s}{m[key]:10.4g}  {c[key]:10.4g}")
+        knn = format(k[key], "10.4g") if has_knn else format("-", ">10s")
+        lines.append(f"{label + unit:14s}{m[key]:10.4g}  {c[key]:10.4g}  {knn}")
+    ratios = []
     if report.get("mae_ratio") is not None:
-        lines.append(f"MAE model / constant = {report['mae_ratio']:.3f}")
+        ratios.append(f"MAE model / constant = {report['mae_ratio']:.3f}")
+    if report.get("mae_ratio_knn") is not None:
+        ratios.append(f"MAE model / kNN = {report['mae_ratio_knn']:.3f}")
+    if ratios:
+        lines.append(", ".join(ratios))
+    lines.append(f"constant = train mean {c['value']:.2f} GeV")
+    if has_knn:
+        lines.append(f"kNN = mean mass of the {k['k_used']} nearest of {k['train_rows']} train rows in "
+                     f"({', '.join(k['features'])});")
+        lines.append(f"      pixel mass of {'+'.join(k['channels'])}, eta_jet from {k['eta_source']}")
+        if k.get("note"):
+            lines.append(f"kNN note: {k['note']}")
+    else:
+        lines.append(f"kNN baseline {k.get('skipped') or 'not run'}")
     lines.append("per true-mass bin [GeV]:")
-    lines.append(f"{'lo':>8s} {'hi':>8s} {'n':>7s} {'MAE':>8s} {'MAE const':>10s} {'bias':>8s} "
-                 f"{'response':>9s} {'resolution':>10s}")
+    lines.append(f"{'lo':>8s} {'hi':>8s} {'n':>7s} {'MAE':>8s} {'MAE const':>10s}"
+                 + (f" {'MAE kNN':>8s}" if has_knn else "")
+                 + f" {'bias':>8s} {'response':>9s} {'resolution':>10s}")
 
     def f(v, spec):
         return format(v, spec) if v is not None else format("-", spec.split(".")[0].rstrip("f"))
     for b in report["bins"]:
         lines.append(f"{b['lo']:8.1f} {b['hi']:8.1f} {b['n']:7d} {f(b['mae'], '8.2f')} "
-                     f"{f(b['mae_const'], '10.2f')} {f(b['bias'], '8.2f')} {f(b['response'], '9.3f')} "
-                     f"{f(b['resolution'], '10.3f')}")
+                     f"{f(b['mae_const'], '10.2f')}" + (f" {f(b['mae_knn'], '8.2f')}" if has_knn else "")
+                     + f" {f(b['bias'], '8.2f')} {f(b['response'], '9.3f')} {f(b['resolution'], '10.3f')}")
     lines.append(f"wrote metrics.json, bins.csv and {len(report['plots'])} plots to {report['out_dir']}")
     return "\n".join(lines)
 
@@ -238,13 +399,21 @@ def format_report(report: dict) -> str:
               help="Exit non-zero (after writing everything) if MAE model / constant predictor "
                    "is above this.")
 @click.option("--force", is_flag=True, help="Replace an evaluation already in the output folder.")
-def main(checkpoint, data, split, out, batch_size, device, amp, workers, n_bins, max_mae_ratio, force):
-    """Evaluate CHECKPOINT on a split of DATA.h5 (several files = one data set)."""
+@click.option("--knn", default=30, show_default=True, type=click.IntRange(min=0),
+              help="Neighbours of the physics baseline: the mean mass of the K train jets nearest in "
+                   "(invariant mass of the ECAL+HCAL pixels, each a massless particle; pT). 0 disables it.")
+@click.option("--knn-train-rows", default=20_000, show_default=True, type=click.IntRange(min=1),
+              help="Fit the baseline on a seeded random subsample of at most this many train rows (read "
+                   "separately, calorimeter channels only).")
+def main(checkpoint, data, split, out, batch_size, device, amp, workers, n_bins, max_mae_ratio, force, knn,
+         knn_train_rows):
+    """Evaluate CHECKPOINT on a split of DATA.h5 (several files = one data set), beside a constant and a
+    kNN physics baseline."""
     from massreg.checkpoint import CheckpointError
     from massreg.data import LayoutError
     config = EvaluateConfig(checkpoint=checkpoint, data=list(data), split=split, out=out,
                             batch_size=batch_size, device=device, amp=amp, workers=workers, n_bins=n_bins,
-                            max_mae_ratio=max_mae_ratio, force=force)
+                            max_mae_ratio=max_mae_ratio, force=force, knn=knn, knn_train_rows=knn_train_rows)
     try:
         report = evaluate(config, progress=sys.stderr.isatty())
         click.echo(format_report(report))

@@ -59,10 +59,14 @@ LABELS = ("m", "pt", "ieta", "iphi")
 TINY = dict(patch_size=25, dim=16, depth=2, heads=2, dim_head=8, mlp_dim=32, dropout=0.0, emb_dropout=0.0)
 
 
-def make_file(path, n, *, seed=0, channels=CHANNELS, fmt=layout.FORMAT_NAME, source_file="raw.parquet"):
-    """A small file in the layout of pipeline/layout.py, written with h5py (what pipeline.convert writes)."""
+def make_file(path, n, *, seed=0, channels=CHANNELS, fmt=layout.FORMAT_NAME, source_file="raw.parquet",
+              positive=False):
+    """A small file in the layout of pipeline/layout.py, written with h5py (what pipeline.convert writes).
+    positive: pixel values >= 0 (energies), else signed."""
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((n, len(channels), S, S)) * 2).astype(np.float32)
+    if positive:
+        x = np.abs(x)
     x[rng.random(x.shape) < 0.95] = 0
     images = x.astype(np.float16)
     labels = {"m": rng.uniform(85, 500, n), "pt": rng.uniform(400, 1000, n),
@@ -256,3 +260,124 @@ def test_evaluate_bad_inputs_one_line(setup, tmp_path):
         for needle in needles:
             assert needle in msg, (needle, msg)
     assert not (tmp_path / "never").exists()
+
+
+# ------------------------------------------------------------------ the kNN physics baseline in evaluate
+
+CALO = ("track_pt", "ecal", "hcal")
+
+
+@pytest.fixture(scope="module")
+def calo_setup(tmp_path_factory):
+    """A file with positive ECAL and HCAL planes and a checkpoint trained (randomly) on its channels."""
+    d = tmp_path_factory.mktemp("knn")
+    data = str(make_file(d / "c.h5", 80, seed=5, channels=CALO, source_file="c.parquet", positive=True))
+    (d / "run").mkdir()
+    return d, data, str(make_checkpoint(d / "run" / "best.pt", [data], channels=CALO))
+
+
+def knn_oracle(path, split, k):
+    """kNN of the mass on (pixel mass of ecal + hcal, pt), every train row: h5py reads, numpy argsort."""
+    from massreg.baselines import eta_from_ieta, pixel_mass
+
+    with h5py.File(path, "r") as f:
+        images = f["images"][()].astype(np.float64)
+        energy = images[:, 1] + images[:, 2]                   # ecal + hcal, (N, 125, 125)
+        m, pt, ieta = (f[f"labels/{k}"][()] for k in ("m", "pt", "ieta"))
+        fit, ev = f["split/train"][()], f[f"split/{split}"][()]
+    feats = np.stack([pixel_mass(energy, eta_from_ieta(ieta)), pt], axis=1)  # (N, 2)
+    mean, std = feats[fit].mean(0), feats[fit].std(0)
+    z = (feats - mean) / std
+    dist = np.linalg.norm(z[ev][:, None] - z[fit][None], axis=-1)           # (n_ev, n_fit)
+    pred = m[fit][np.argsort(dist, axis=1)[:, :k]].mean(1)
+    return pred, m[ev], fit.size
+
+
+def test_evaluate_knn_baseline_matches_an_oracle(calo_setup, tmp_path):
+    from massreg.evaluate import EvaluateConfig, evaluate
+    from massreg.metrics import regression_metrics
+
+    d, data, ckpt = calo_setup
+    report = evaluate(EvaluateConfig(checkpoint=ckpt, data=[data], split="test", out=str(tmp_path / "a"),
+                                     knn=3, knn_train_rows=10_000))
+    pred, true, n_fit = knn_oracle(data, "test", 3)
+    want = regression_metrics(pred, true)
+    knn = report["knn"]
+    assert knn["skipped"] is None and knn["k"] == knn["k_used"] == 3
+    assert knn["train_rows"] == knn["train_rows_available"] == n_fit > 20
+    assert knn["channels"] == ["ecal", "hcal"] and knn["eta_source"] == "ieta"
+    assert knn["features"] == ["pixel_mass", "pt"] and "note" not in knn
+    for key in ("n", "mae", "rmse", "mre", "bias", "resolution"):
+        # rel 1e-6: massreg.data holds the masses as float32, the oracle reads float64
+        assert knn[key] == pytest.approx(want[key], rel=1e-6), key
+    assert report["mae_ratio_knn"] == pytest.approx(report["model"]["mae"] / want["mae"])
+    # the old keys are all still there, and the bins hold the kNN beside the constant
+    assert {"model", "constant", "mae_ratio", "bins", "n"} <= set(report)
+    saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert saved["knn"]["mae"] == pytest.approx(want["mae"]) and saved["config"]["knn"] == 3
+    assert sum(b["n"] for b in saved["bins"]) == true.size and "mae_knn" in saved["bins"][0]
+    assert "mae_knn" in pd.read_csv(tmp_path / "a" / "bins.csv").columns
+
+    # a subsample of the train rows: seeded (the same twice), of the size asked for, k capped at it
+    sub = [evaluate(EvaluateConfig(checkpoint=ckpt, data=[data], split="val", out=str(tmp_path / f"s{i}"),
+                                   knn=30, knn_train_rows=7))["knn"] for i in range(2)]
+    assert sub[0]["train_rows"] == 7 and sub[0]["k_used"] == 7
+    assert sub[0]["mae"] == sub[1]["mae"]
+    assert evaluate(EvaluateConfig(checkpoint=ckpt, data=[data], split="train", out=str(tmp_path / "t"),
+                                   knn=3))["knn"]["note"].startswith("the train rows evaluated include")
+
+
+def test_evaluate_knn_cli_prints_three_columns_and_knn_0_skips(calo_setup, tmp_path):
+    from massreg.evaluate import main
+
+    d, data, ckpt = calo_setup
+    res = CliRunner().invoke(main, [ckpt, data, "--out", str(tmp_path / "a"), "--knn", "3"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[1].split() == ["model", "constant", "kNN"]
+    assert len(next(x for x in lines if x.startswith("MAE [GeV]")).split()) == 2 + 3  # label, unit, 3 values
+    assert "MAE model / constant = " in res.output and "MAE model / kNN = " in res.output
+    assert "kNN = mean mass of the 3 nearest of" in res.output and "MAE kNN" in res.output
+    saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    pred, true, _ = knn_oracle(data, "test", 3)
+    assert saved["knn"]["mae"] == pytest.approx(np.abs(pred - true).mean())
+
+    res = CliRunner().invoke(main, [ckpt, data, "--out", str(tmp_path / "b"), "--knn", "0"])
+    assert res.exit_code == 0, res.output
+    assert "kNN baseline disabled with --knn 0" in res.output and "MAE kNN" not in res.output
+    saved = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert saved["knn"] == {"skipped": "disabled with --knn 0", "k": 0} and saved["mae_ratio_knn"] is None
+    assert "mae_knn" not in saved["bins"][0] and saved["model"]["n"] == true.size
+
+    res = CliRunner().invoke(main, ["--help"])
+    assert "--knn INTEGER" in res.output and "--knn-train-rows" in res.output and "0 disables" in res.output
+    res = CliRunner().invoke(main, [ckpt, data, "--out", str(tmp_path / "c"), "--knn", "-1"])
+    assert res.exit_code == 2 and not (tmp_path / "c").exists()
+
+
+def test_evaluate_knn_skipped_without_calorimeter_and_eta_0_without_ieta(tmp_path):
+    from massreg.evaluate import main
+
+    tracks = ("track_pt", "dz", "d0")
+    data = str(make_file(tmp_path / "t.h5", 40, seed=3, channels=tracks, source_file="t.parquet"))
+    ckpt = str(make_checkpoint(tmp_path / "t.pt", [data], channels=tracks))
+    res = CliRunner().invoke(main, [ckpt, data, "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    note = [x for x in res.output.splitlines() if x.startswith("kNN baseline")]
+    assert note == ["kNN baseline skipped: the files hold no calorimeter channel (ecal, hcal) among "
+                    "track_pt, dz, d0"]
+    saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert saved["knn"]["skipped"] == note[0][len("kNN baseline "):] and "mae" not in saved["knn"]
+    assert saved["mae_ratio"] is not None and saved["mae_ratio_knn"] is None
+
+    # no ieta label: eta_jet = 0, said so
+    data = str(make_file(tmp_path / "e.h5", 60, seed=4, channels=CALO, source_file="e.parquet",
+                         positive=True))
+    with h5py.File(data, "r+") as f:
+        del f["labels/ieta"]
+    ckpt = str(make_checkpoint(tmp_path / "e.pt", [data], channels=CALO))
+    res = CliRunner().invoke(main, [ckpt, data, "--out", str(tmp_path / "b"), "--knn", "3"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert saved["knn"]["eta_source"] == "none: no ieta label, eta_jet = 0" and saved["knn"]["mae"] > 0
+    assert "eta_jet from none: no ieta label, eta_jet = 0" in res.output
