@@ -1,9 +1,12 @@
-"""Training speed of massreg's DeepViT against vit-pytorch's DeepViT (the reference it must equal).
+"""Training speed of massreg's models, the DeepViT against vit-pytorch's (the reference it must equal).
 
     python benchmarks/bench_model.py [--presets seed,small] [--steps 10] [--device cuda --bf16 --compile]
+    python benchmarks/bench_model.py --presets tiny,hybrid,resnet --threads 1
 
 One training step = forward + backward + Adam step, MSE on random targets, on random images (B, C, 125, 125).
-Both models get the same configuration (the preset's) and optimiser. After a few warm-up steps the two are
+A preset with a vit-pytorch counterpart (a DeepViT with the linear patch embedding: seed, small, tiny) is
+timed against it; the others (the conv-stem DeepViTs, the ResNets) are timed alone. Both models get the same
+configuration (the preset's) and optimiser. After a few warm-up steps the two are
 timed in alternating rounds (who goes first alternates too), so that the load of a shared machine falls on
 both alike; the table gives each model's median samples/s and the median over rounds of the paired ratio
 ours / reference. On the CPU it also gives that ratio in process CPU time, which a busy shared machine
@@ -27,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 from massreg.config import PRESETS, build_model, model_config  # noqa: E402
 
-DEFAULT_BATCH = {"seed": 32, "small": 64, "tiny": 128}
+DEFAULT_BATCH = {"seed": 32, "small": 64, "tiny": 128, "hybrid": 64, "hybrid49": 64, "hybrid-seed": 32,
+                 "resnet": 64, "resnet-wide": 64}
 
 
 @dataclass
@@ -91,7 +95,9 @@ def bench_preset(preset: str, config: BenchConfig) -> dict:
     rounds = max(1, -(-config.steps // round_steps))
     cfg = model_config(preset, channels=config.channels)
     torch.manual_seed(config.seed)
-    models = {"reference": ReferenceRegressor(asdict(cfg)), "massreg": build_model(cfg)}
+    models = {"massreg": build_model(cfg)}
+    if has_reference(cfg):
+        models = {"reference": ReferenceRegressor(asdict(cfg)), **models}
     g = torch.Generator().manual_seed(config.seed)
     x = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size, generator=g).to(device)
     y = torch.randn(batch, generator=g).to(device)
@@ -127,16 +133,24 @@ def bench_preset(preset: str, config: BenchConfig) -> dict:
             _sync(device)
             rates[name].append(batch * round_steps / (time.perf_counter() - t0))
             cpu_rates[name].append(batch * round_steps / max(time.process_time() - c0, 1e-9))
-    ratios = [a / b for a, b in zip(rates["massreg"], rates["reference"])]
-    cpu_ratios = [a / b for a, b in zip(cpu_rates["massreg"], cpu_rates["reference"])]
-    return {"preset": preset, "batch": batch, "params": params["massreg"],
-            "params_equal": params["massreg"] == params["reference"], "rounds": rounds,
-            "round_steps": round_steps,
-            "reference_samples_s": statistics.median(rates["reference"]),
-            "massreg_samples_s": statistics.median(rates["massreg"]),
-            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "cpu_time_ratio": statistics.median(cpu_ratios) if device.type == "cpu" else None,
-            "raw": rates, "raw_cpu": cpu_rates}
+    result = {"preset": preset, "batch": batch, "params": params["massreg"], "tokens": cfg.tokens(),
+              "params_equal": None, "rounds": rounds, "round_steps": round_steps,
+              "reference_samples_s": None, "massreg_samples_s": statistics.median(rates["massreg"]),
+              "ratio": None, "ratio_min": None, "ratio_max": None, "cpu_time_ratio": None,
+              "raw": rates, "raw_cpu": cpu_rates}
+    if "reference" in models:
+        ratios = [a / b for a, b in zip(rates["massreg"], rates["reference"])]
+        cpu_ratios = [a / b for a, b in zip(cpu_rates["massreg"], cpu_rates["reference"])]
+        result.update(params_equal=params["massreg"] == params["reference"],
+                      reference_samples_s=statistics.median(rates["reference"]),
+                      ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+                      cpu_time_ratio=statistics.median(cpu_ratios) if device.type == "cpu" else None)
+    return result
+
+
+def has_reference(cfg) -> bool:
+    """vit-pytorch has this model: a DeepViT with the linear patch embedding and its patch LayerNorm."""
+    return cfg.family == "deepvit" and cfg.stem == "patch" and cfg.patch_norm
 
 
 def run_bench(config: BenchConfig) -> list[dict]:
@@ -154,7 +168,8 @@ def run_bench(config: BenchConfig) -> list[dict]:
         raise BenchError("--steps must be >= 1, --warmup and --threads >= 0")
     if config.threads:
         torch.set_num_threads(config.threads)
-    load_reference_deepvit()
+    if any(has_reference(model_config(p)) for p in config.presets):
+        load_reference_deepvit()
     results = []
     for preset in config.presets:
         results.append(bench_preset(preset, config))
@@ -165,18 +180,22 @@ def run_bench(config: BenchConfig) -> list[dict]:
 def format_table(results: list[dict], config: BenchConfig) -> str:
     device = (torch.cuda.get_device_name() if config.device == "cuda"
               else f"cpu, {torch.get_num_threads()} threads")
+
+    def num(value, spec):                 # "-" where a preset has no reference to compare with
+        return "-" if value is None else format(value, spec)
+
     lines = [f"device: {device}; torch {torch.__version__}; bf16={config.bf16} compile={config.compile}",
-             f"{'preset':<7} {'batch':>5} {'params':>11} {'reference/s':>12} {'massreg/s':>10} {'ratio':>6}"
-             f"  {'ratio range':>11}  {'cpu-time ratio':>14}  rounds x steps"]
+             f"{'preset':<11} {'batch':>5} {'params':>11} {'tokens':>6} {'reference/s':>12} "
+             f"{'massreg/s':>10} {'ratio':>6}  {'ratio range':>11}  {'cpu-time ratio':>14}  rounds x steps"]
     for r in results:
-        lines.append(f"{r['preset']:<7} {r['batch']:>5} {r['params']:>11,} {r['reference_samples_s']:>12.1f} "
-                     f"{r['massreg_samples_s']:>10.1f} {r['ratio']:>6.3f}  "
-                     f"{r['ratio_min']:>5.2f}-{r['ratio_max']:<5.2f}  "
-                     f"{'-' if r['cpu_time_ratio'] is None else format(r['cpu_time_ratio'], '.3f'):>14}"
+        span = "-" if r["ratio"] is None else f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}"
+        lines.append(f"{r['preset']:<11} {r['batch']:>5} {r['params']:>11,} {num(r['tokens'], 'd'):>6} "
+                     f"{num(r['reference_samples_s'], '.1f'):>12} {r['massreg_samples_s']:>10.1f} "
+                     f"{num(r['ratio'], '.3f'):>6}  {span:>11}  {num(r['cpu_time_ratio'], '.3f'):>14}"
                      f"  {r['rounds']} x {r['round_steps']}")
     lines.append("samples/s: median over rounds of training steps (forward + backward + Adam);\n"
-                 "ratio: median over rounds of massreg / reference, timed back to back;\n"
-                 "cpu-time ratio: the same in samples per CPU-second of this process")
+                 "ratio: median over rounds of massreg / reference, timed back to back (presets with a\n"
+                 "vit-pytorch counterpart only); cpu-time ratio: the same in samples per CPU-second")
     return "\n".join(lines)
 
 
@@ -188,12 +207,14 @@ def format_table(results: list[dict], config: BenchConfig) -> str:
 @click.option("--steps", default=10, show_default=True, help="Timed steps per model.")
 @click.option("--round-steps", default=0, help="Steps per timed round (default 1 on cpu, 10 on cuda).")
 @click.option("--warmup", default=3, show_default=True, help="Untimed steps per model first.")
-@click.option("--batch-size", default=0, help="Override the batch (default: seed 32, small 64, tiny 128).")
+@click.option("--batch-size", default=0,
+              help="Override the batch (default: "
+                   + ", ".join(f"{k} {v}" for k, v in DEFAULT_BATCH.items()) + ").")
 @click.option("--channels", default=4, show_default=True)
 @click.option("--threads", default=0, help="torch.set_num_threads (CPU); default: torch's choice.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write results and config as JSON here.")
 def main(presets, device, bf16, compile_, steps, round_steps, warmup, batch_size, channels, threads, out):
-    """Training samples/s of massreg's DeepViT vs vit-pytorch's at the same configuration."""
+    """Training samples/s of massreg's models (the DeepViT vs vit-pytorch's at the same configuration)."""
     config = BenchConfig(presets=tuple(p.strip() for p in presets.split(",") if p.strip()), device=device,
                          bf16=bf16, compile=compile_, steps=steps, round_steps=round_steps, warmup=warmup,
                          batch_size=batch_size, channels=channels, threads=threads)

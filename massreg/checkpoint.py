@@ -117,8 +117,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def check_model_config(ckpt: dict, model_config: dict, *, source: str = "checkpoint") -> None:
-    """Raise CheckpointError naming every field where the checkpoint's model differs from `model_config`."""
-    stored = ckpt["model_config"]
+    """Raise CheckpointError naming every field where the checkpoint's model differs from `model_config`.
+
+    Both sides are completed first (massreg.config.complete): a checkpoint written before a field existed
+    holds the model that field's default describes, and lists from JSON equal tuples."""
+    from massreg.config import complete
+
+    stored, model_config = complete(ckpt["model_config"]), complete(model_config)
     diffs = [f"{k}: {stored.get(k)!r} in {source} vs {model_config.get(k)!r} asked"
              for k in sorted(set(stored) | set(model_config)) if stored.get(k) != model_config.get(k)]
     if diffs:

@@ -1,33 +1,58 @@
 """Model configuration: the dataclass saved with every checkpoint, named presets, and the model builder.
 
     cfg = model_config("small", channels=8, num_aux=3); model = build_model(cfg)
+    cfg = model_config("resnet", channels=8, num_aux=3); model = build_model(cfg)   # same inputs, same (B,)
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from massreg.model import DeepViT
+from torch import nn
+
+from massreg.model import DeepViT, ResNet, conv_grid
+
+FAMILIES = ("deepvit", "resnet")
+STEMS = ("patch", "conv")
+# The fields a ResNet reads; it ignores the DeepViT's (patch_size, dim, depth, heads, dim_head, mlp_dim,
+# emb_dropout), which its presets leave at their defaults.
+RESNET_FIELDS = ("image_size", "channels", "widths", "blocks", "head_dims", "num_aux", "dropout")
 
 
 @dataclass
 class ModelConfig:
-    """Every constructor argument of `massreg.model.DeepViT` (asdict(cfg) is its keyword arguments)."""
+    """What builds a model: the family, and that family's constructor arguments (see build_model).
+
+    asdict(cfg) is what checkpoints and config.json store. A checkpoint written before the family fields
+    existed lacks them: `complete(stored)` fills their defaults, which are exactly that older model.
+    """
 
     image_size: int = 125
-    patch_size: int = 25
+    patch_size: int = 25      # deepvit: the patch side (stem patch), or the first conv's kernel and stride
     channels: int = 4
     dim: int = 1024
     depth: int = 6
     heads: int = 8
     dim_head: int = 64
     mlp_dim: int = 2048
-    dropout: float = 0.1
+    dropout: float = 0.1      # deepvit: attention and MLP dropout; resnet: after each hidden head layer
     emb_dropout: float = 0.1
     num_aux: int = 0          # auxiliary scalars (e.g. pt, ieta, iphi, already normalised) fed to the model
     patch_norm: bool = True   # the reference's LayerNorm over raw patch pixels (True = exactly the reference)
+    family: str = "deepvit"   # deepvit | resnet
+    stem: str = "patch"       # deepvit: patch (the reference's linear embedding) or conv; resnet: conv
+    widths: tuple[int, ...] = ()     # channels per conv stage: the resnet's trunk, or the deepvit's conv stem
+    blocks: tuple[int, ...] = ()     # residual blocks per conv stage
+    head_dims: tuple[int, ...] = ()  # resnet: hidden widths of the MLP head
 
     def __post_init__(self):
-        # The same checks as the model's asserts, as ValueError so that a CLI can report them in one line.
+        # JSON (config.json) stores tuples as lists: turn them back, so a round trip compares equal.
+        for name in ("widths", "blocks", "head_dims"):
+            setattr(self, name, tuple(int(v) for v in getattr(self, name)))
+        # The same checks as the models' asserts, as ValueError so that a CLI can report them in one line.
+        if self.family not in FAMILIES:
+            raise ValueError(f"model family {self.family!r}: choose one of {', '.join(FAMILIES)}")
+        if self.stem not in STEMS:
+            raise ValueError(f"model stem {self.stem!r}: choose one of {', '.join(STEMS)}")
         if self.image_size < 1 or self.patch_size < 1 or self.image_size % self.patch_size:
             fit = [p for p in range(1, max(self.image_size, 0) + 1) if self.image_size % p == 0]
             raise ValueError(f"patch_size {self.patch_size} must divide image_size {self.image_size}; "
@@ -40,8 +65,33 @@ class ModelConfig:
         for name in ("dropout", "emb_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"model {name} must be in [0, 1), got {getattr(self, name)}")
+        if self.family == "resnet" and self.stem != "conv":
+            raise ValueError("the resnet family has a convolutional stem only: stem must be 'conv'")
+        if self.patch_norm and self.stem != "patch":
+            raise ValueError("patch_norm (a LayerNorm over raw patch pixels) belongs to stem='patch'; "
+                             f"the {self.family} with a conv stem has none: set patch_norm=False")
+        if self.stem == "conv":
+            if not (len(self.widths) == len(self.blocks) >= 1 and min(self.widths) >= 1
+                    and min(self.blocks) >= 1):
+                raise ValueError(f"a conv stem needs widths and blocks of one length >= 1, all >= 1; got "
+                                 f"widths {self.widths}, blocks {self.blocks}")
+        elif self.widths or self.blocks:
+            raise ValueError(f"widths {self.widths} and blocks {self.blocks} describe a conv stem; "
+                             "stem='patch' has none")
+        if self.head_dims and (self.family != "resnet" or min(self.head_dims) < 1):
+            raise ValueError(f"head_dims {self.head_dims}: hidden head widths >= 1, for the resnet family "
+                             "only")
+
+    def tokens(self) -> int | None:
+        """Tokens the DeepViT's transformer sees besides the cls token; None for the resnet."""
+        if self.family == "resnet":
+            return None
+        if self.stem == "conv":
+            return conv_grid(self.image_size, self.patch_size, len(self.widths)) ** 2
+        return (self.image_size // self.patch_size) ** 2
 
 
+NO_DROPOUT = dict(dropout=0.0, emb_dropout=0.0)
 PRESETS: dict[str, ModelConfig] = {
     # The original write-up's model (reference/seed-task3a-regression.md): 40,397,161 parameters (4 channels).
     "seed": ModelConfig(),
@@ -49,6 +99,24 @@ PRESETS: dict[str, ModelConfig] = {
     "small": ModelConfig(dim=256, depth=6, heads=8, dim_head=32, mlp_dim=512),
     # Trains on a CPU in minutes (~0.3 M parameters); no dropout, which small data and few epochs do not need.
     "tiny": ModelConfig(dim=64, depth=4, heads=4, dim_head=16, mlp_dim=128, dropout=0.0, emb_dropout=0.0),
+    # Hybrid DeepViTs: tokens from a conv stem (5 x 5 stride-5 conv to 25 x 25, residual blocks, stride-2
+    # stages). `hybrid`: tiny's transformer on 13 x 13 = 169 tokens (~0.23 M parameters).
+    "hybrid": ModelConfig(family="deepvit", stem="conv", patch_norm=False, patch_size=5, widths=(32, 64),
+                          blocks=(1, 1), dim=64, depth=4, heads=4, dim_head=16, mlp_dim=128, **NO_DROPOUT),
+    # One more stride-2 stage at 128 channels: 7 x 7 = 49 tokens at twice tiny's width (~0.87 M).
+    "hybrid49": ModelConfig(family="deepvit", stem="conv", patch_norm=False, patch_size=5,
+                            widths=(32, 64, 128), blocks=(1, 1, 1), dim=128, depth=4, heads=4, dim_head=32,
+                            mlp_dim=256, **NO_DROPOUT),
+    # GPU size: a wider, deeper stem and a transformer between `small` and `seed` (~13 M parameters).
+    "hybrid-seed": ModelConfig(family="deepvit", stem="conv", patch_norm=False, patch_size=5,
+                               widths=(64, 128), blocks=(2, 2), dim=512, depth=6, heads=8, dim_head=64,
+                               mlp_dim=1024, dropout=0.1, emb_dropout=0.1),
+    # The ResNet of issue 9 (CPU / demo size, ~0.41 M parameters with 8 channels and 3 aux).
+    "resnet": ModelConfig(family="resnet", stem="conv", patch_norm=False, widths=(16, 32, 64, 128),
+                          blocks=(1, 2, 2, 1), head_dims=(64,), **NO_DROPOUT),
+    # Twice the width, two blocks per stage (~2.8 M parameters): for GPU studies.
+    "resnet-wide": ModelConfig(family="resnet", stem="conv", patch_norm=False, widths=(32, 64, 128, 256),
+                               blocks=(2, 2, 2, 2), head_dims=(128,), **NO_DROPOUT),
 }
 
 
@@ -63,6 +131,31 @@ def model_config(preset: str, **overrides) -> ModelConfig:
     return replace(PRESETS[preset], **overrides)
 
 
-def build_model(cfg: ModelConfig) -> DeepViT:
-    """DeepViT(**asdict(cfg)), freshly initialised (DeepViT.init_weights)."""
-    return DeepViT(**asdict(cfg))
+def describe(cfg: ModelConfig) -> str:
+    """One short line on what a config builds (massreg.train's help lists the presets with it)."""
+    def slash(values):
+        return "/".join(map(str, values))
+
+    if cfg.family == "resnet":
+        return (f"ResNet: {slash(cfg.widths)} channels x {slash(cfg.blocks)} blocks, "
+                f"head {slash(cfg.head_dims)}")
+    tokens = (f"conv stem {slash(cfg.widths)}" if cfg.stem == "conv"
+              else f"{cfg.patch_size}x{cfg.patch_size} patches")
+    dropout = f", dropout {cfg.dropout:g}" if cfg.dropout or cfg.emb_dropout else ""
+    return f"DeepViT: {cfg.tokens()} tokens ({tokens}), dim {cfg.dim}, depth {cfg.depth}{dropout}"
+
+
+def complete(stored: dict) -> dict:
+    """A stored model_config dict with the fields it lacks (added since it was written) at their defaults and
+    lists as tuples, so that an old checkpoint compares equal to the same model asked for today."""
+    defaults = {f.name: f.default for f in fields(ModelConfig)}
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in {**defaults, **stored}.items()}
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model of cfg.family from cfg's fields, freshly initialised (its init_weights)."""
+    kwargs = asdict(cfg)
+    if kwargs.pop("family") == "resnet":
+        return ResNet(**{k: kwargs[k] for k in RESNET_FIELDS})
+    del kwargs["head_dims"]
+    return DeepViT(**kwargs)

@@ -1,6 +1,7 @@
-"""DeepViT (Zhou et al. 2021, arXiv 2103.11886) regressing one scalar (the jet mass) from detector images.
+"""The model families: a DeepViT (Zhou et al. 2021, arXiv 2103.11886) and a ResNet, each regressing one
+scalar (the jet mass) from detector images: `model(images (B, C, 125, 125), aux (B, num_aux) | None) -> (B,)`.
 
-The network of lucidrains' vit-pytorch `vit_pytorch/deepvit.py`, as printed in the original write-up
+DeepViT: the network of lucidrains' vit-pytorch `vit_pytorch/deepvit.py`, as printed in the original write-up
 (../shared/reference/seed-task3a-regression.md): a pre-norm transformer whose attention mixes the heads'
 attention maps after the softmax ("re-attention") with a learned heads x heads matrix, then LayerNorms over
 the heads. The tests copy vit-pytorch's weights into this model and require equal outputs and gradients.
@@ -14,9 +15,15 @@ What differs is how it is computed:
   Same outputs and gradients, about 1/depth less work.
 - On the CPU in eager mode, dropout draws integers for its mask instead of the slow `bernoulli_` (`Dropout`).
 
-Two additions, both off by default so that the default is exactly the reference: `num_aux` (scalars such as
-pT, ieta, iphi embedded and added to the cls token) and `patch_norm=False` (no LayerNorm over raw patch
-pixels). Weights are initialised in one place, `DeepViT.init_weights`.
+Three additions, all off by default so that the default is exactly the reference: `num_aux` (scalars such as
+pT, ieta, iphi embedded and added to the cls token), `patch_norm=False` (no LayerNorm over raw patch pixels)
+and `stem="conv"`: tokens from a convolutional stem of residual blocks instead of the linear patch embedding
+(the "hybrid" ViT of Dosovitskiy et al. 2021, sec. 3.1), which sees the two-prong structure inside a sparse
+patch that a linear embedding loses.
+
+ResNet: in the style of the CMS end-to-end papers' ResNets: a 3 x 3 stride-2 stem, stages of basic residual
+blocks (BatchNorm, ReLU, stride 2 at each stage start), global average pooling, the aux scalars concatenated,
+an MLP head. Weights of each model are initialised in one place, its `init_weights`.
 """
 from __future__ import annotations
 
@@ -140,15 +147,127 @@ class Transformer(nn.Module):
         return self.layers[-1](x, cls_only=True)[:, 0]
 
 
+# ------------------------------------------------------------------ convolutional pieces (ResNet, conv stem)
+
+def conv_bn(c_in: int, c_out: int, kernel: int, stride: int, padding: int) -> nn.Sequential:
+    """Conv (no bias: the BatchNorm after it has one) then BatchNorm."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False),
+                         nn.BatchNorm2d(c_out))
+
+
+class ResidualBlock(nn.Module):
+    """Basic residual block (He et al. 2016): relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)), 3 x 3.
+
+    The shortcut is the identity, or a 1 x 1 conv + BatchNorm where the shape changes (stride or width).
+    (B, c_in, n, n) -> (B, c_out, ceil(n / stride), ceil(n / stride)).
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)       # weight 0 at initialisation (init_conv_bn)
+        self.shortcut = (conv_bn(c_in, c_out, 1, stride, 0) if stride != 1 or c_in != c_out
+                         else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def residual_stage(c_in: int, c_out: int, blocks: int, stride: int) -> nn.Sequential:
+    """`blocks` ResidualBlocks at width c_out; the first one takes the stride (and the change of width)."""
+    return nn.Sequential(*[ResidualBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1)
+                           for i in range(blocks)])
+
+
+def conv_grid(image_size: int, patch_size: int, stages: int) -> int:
+    """Side of ConvStem's output grid: image_size / patch_size, halved (rounding up) per further stage."""
+    n = image_size // patch_size
+    for _ in range(stages - 1):
+        n = (n + 1) // 2                       # 3 x 3 conv, stride 2, padding 1: ceil(n / 2)
+    return n
+
+
+class ConvStem(nn.Module):
+    """Tokens for the hybrid DeepViT: (B, C, H, W) -> (B, widths[-1], g, g), g = conv_grid(H, patch_size, S).
+
+    A learnable patch_size x patch_size stride-patch_size conv (at 5: 125 x 125 -> 25 x 25), BatchNorm, ReLU,
+    blocks[0] residual blocks at widths[0]; then each further stage i halves the grid (its first block has
+    stride 2: 25 -> 13 -> 7) at widths[i] with blocks[i] blocks. Non-linear before any token is formed: the
+    two prongs of a boosted top, a few crystals apart inside one patch, stay distinguishable.
+    """
+
+    def __init__(self, channels: int, widths: tuple[int, ...], blocks: tuple[int, ...], patch_size: int):
+        super().__init__()
+        self.patch = nn.Sequential(
+            nn.Conv2d(channels, widths[0], patch_size, stride=patch_size, bias=False),
+            nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stages = nn.Sequential(
+            residual_stage(widths[0], widths[0], blocks[0], stride=1),
+            *[residual_stage(widths[i - 1], widths[i], blocks[i], stride=2) for i in range(1, len(widths))])
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.patch(img))
+
+
+@torch.no_grad()
+def init_conv_bn(model: nn.Module) -> None:
+    """Initial values of every Conv2d and BatchNorm2d in `model` (called by each family's init_weights).
+
+    - Conv weights: Kaiming normal, fan_out, ReLU gain (He et al. 2015; torchvision's ResNets), std
+      sqrt(2 / (c_out k^2)). Every conv feeds a BatchNorm that divides its scale out again, so the value
+      matters little; this one keeps pre-BN activations on the input's scale, far above BatchNorm's eps.
+    - BatchNorm: weight 1, bias 0, except the LAST BatchNorm of every residual block: weight 0 ("zero-gamma",
+      Goyal et al. 2017). Each block then starts as its shortcut, so the network starts as a shallow stack
+      (stem and shortcut convs) whose activations do not grow block by block, as a sum x + F(x) of two
+      unit-scale branches would; each branch grows in as its gamma is learned (the branch convs get
+      gradients from the first step that moves gamma off 0).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for module in model.modules():
+        if isinstance(module, ResidualBlock):
+            nn.init.zeros_(module.bn2.weight)
+
+
+def check_inputs(model: nn.Module, img: torch.Tensor, aux: torch.Tensor | None) -> None:
+    """The input contract every family shares; ValueError naming what was expected and what came."""
+    name = type(model).__name__
+    expected = (model.channels, model.image_size, model.image_size)
+    if img.dim() != 4 or tuple(img.shape[1:]) != expected:
+        raise ValueError(f"{name} expects images (B, {', '.join(map(str, expected))}), "
+                         f"got {tuple(img.shape)}")
+    if (aux is None) != (model.num_aux == 0):
+        raise ValueError(f"{name} built with num_aux={model.num_aux} was called with "
+                         f"{'no aux' if aux is None else 'aux'}; pass aux exactly when num_aux > 0")
+    if aux is not None and (aux.dim() != 2 or aux.shape != (img.shape[0], model.num_aux)):
+        raise ValueError(f"aux must be (B, {model.num_aux}) = ({img.shape[0]}, {model.num_aux}), "
+                         f"got {tuple(aux.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------- the models
+
 class DeepViT(nn.Module):
     """DeepViT regressor: images (B, C, H, W) float32 [, aux (B, num_aux)] -> (B,) float32, one per image.
 
+    stem="patch": the reference's linear patch embedding (patch_size x patch_size patches, `patch_norm`).
+    stem="conv": tokens from ConvStem(widths, blocks), whose first conv has kernel and stride patch_size, then
+    a Linear (a 1 x 1 conv) to dim; at patch_size 5 with widths (32, 64): 13 x 13 = 169 tokens.
     The output is 1-D on purpose: a (B, 1) prediction against a (B,) target broadcasts to (B, B) in a loss.
     """
 
     def __init__(self, *, image_size: int, patch_size: int, channels: int, dim: int, depth: int, heads: int,
                  dim_head: int, mlp_dim: int, dropout: float = 0.0, emb_dropout: float = 0.0,
-                 num_aux: int = 0, patch_norm: bool = True):
+                 num_aux: int = 0, patch_norm: bool = True, stem: str = "patch",
+                 widths: tuple[int, ...] = (), blocks: tuple[int, ...] = ()):
         super().__init__()
         assert image_size > 0 and patch_size > 0 and image_size % patch_size == 0, (
             f"patch_size {patch_size} must divide image_size {image_size} "
@@ -159,15 +278,30 @@ class DeepViT(nn.Module):
         assert num_aux >= 0, f"num_aux must be >= 0, got {num_aux}"
         assert 0.0 <= dropout < 1.0 and 0.0 <= emb_dropout < 1.0, (
             f"dropout {dropout} and emb_dropout {emb_dropout} must be in [0, 1)")
+        assert stem in ("patch", "conv"), f"stem must be 'patch' or 'conv', got {stem!r}"
+        if stem == "patch":
+            assert not widths and not blocks, "widths and blocks describe a conv stem; stem='patch' has none"
+        else:
+            assert len(widths) == len(blocks) >= 1 and min(widths) >= 1 and min(blocks) >= 1, (
+                f"a conv stem needs widths and blocks of one length >= 1, all >= 1; got {widths}, {blocks}")
+            assert not patch_norm, "patch_norm is the linear patch embedding's; a conv stem has none"
         self.image_size, self.channels, self.num_aux = image_size, channels, num_aux
-        num_patches = (image_size // patch_size) ** 2
-        patch_dim = channels * patch_size ** 2
 
-        # Patch embedding, as the reference: (B, C, H, W) -> (B, num_patches, p*p*C), pixel order (p1 p2 c).
-        self.to_patches = Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size)
+        if stem == "patch":
+            num_patches = (image_size // patch_size) ** 2
+            patch_dim = channels * patch_size ** 2
+            # As the reference: (B, C, H, W) -> (B, num_patches, p*p*C), pixel order (p1 p2 c).
+            self.to_patches = Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)",
+                                        p1=patch_size, p2=patch_size)
+        else:
+            num_patches = conv_grid(image_size, patch_size, len(widths)) ** 2
+            patch_dim = widths[-1]
+            # (B, C, H, W) -> (B, widths[-1], g, g) -> (B, g*g, widths[-1]): one token per grid cell.
+            self.to_patches = nn.Sequential(ConvStem(channels, tuple(widths), tuple(blocks), patch_size),
+                                            Rearrange("b c h w -> b (h w) c"))
         # The reference's LayerNorm over each patch's raw pixels: it divides out the patch's energy scale.
         self.patch_norm = nn.LayerNorm(patch_dim) if patch_norm else nn.Identity()
-        self.patch_to_embedding = nn.Linear(patch_dim, dim)
+        self.patch_to_embedding = nn.Linear(patch_dim, dim)     # with a conv stem: the 1 x 1 conv to dim
         self.embedding_norm = nn.LayerNorm(dim)
 
         self.cls_token = nn.Parameter(torch.empty(1, 1, dim))
@@ -200,7 +334,10 @@ class DeepViT(nn.Module):
           std ~0.1 around bias 0 = the standardised mean: training starts at the constant-prediction loss.
           Adam's steps do not shrink with the head's scale, so a small head does not slow the trunk.
         - reattn_weights: N(0, 1), the reference's; the LayerNorm over heads after it makes its scale moot.
+        - conv stem: `init_conv_bn` (Kaiming convs, zero-gamma residual blocks); the tokens it makes are
+          LayerNorm'd like the patch embedding's, so the rules above hold for them too.
         """
+        init_conv_bn(self)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
@@ -221,18 +358,8 @@ class DeepViT(nn.Module):
 
     def forward(self, img: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
         """img (B, C, H, W) float32, aux (B, num_aux) float32 or None -> (B,) float32."""
-        expected = (self.channels, self.image_size, self.image_size)
-        if img.dim() != 4 or tuple(img.shape[1:]) != expected:
-            raise ValueError(f"DeepViT expects images (B, {', '.join(map(str, expected))}), "
-                             f"got {tuple(img.shape)}")
-        if (aux is None) != (self.aux_embedding is None):
-            raise ValueError(f"DeepViT built with num_aux={self.num_aux} was called with "
-                             f"{'no aux' if aux is None else 'aux'}; pass aux exactly when num_aux > 0")
-        if aux is not None and (aux.dim() != 2 or aux.shape != (img.shape[0], self.num_aux)):
-            raise ValueError(f"aux must be (B, {self.num_aux}) = ({img.shape[0]}, {self.num_aux}), "
-                             f"got {tuple(aux.shape)}")
-
-        x = self.patch_norm(self.to_patches(img))                             # (B, P, p*p*C)
+        check_inputs(self, img, aux)
+        x = self.patch_norm(self.to_patches(img))                             # (B, P, p*p*C) or (B, P, w)
         x = self.embedding_norm(self.patch_to_embedding(x))                   # (B, P, dim)
         cls = self.cls_token.expand(x.shape[0], -1, -1)                       # (B, 1, dim)
         if self.aux_embedding is not None:
@@ -242,3 +369,67 @@ class DeepViT(nn.Module):
 
         x = self.transformer(x)                                               # (B, dim), the cls token
         return self.head(self.head_norm(x)).squeeze(-1)                       # (B,)
+
+
+class ResNet(nn.Module):
+    """ResNet regressor: images (B, C, H, W) float32 [, aux (B, num_aux)] -> (B,) float32, one per image.
+
+    A 3 x 3 stride-2 stem to widths[0] (BatchNorm, ReLU; 125 -> 63), then one stage per width, each of
+    blocks[i] basic ResidualBlocks whose first has stride 2 (63 -> 32 -> 16 -> 8 -> 4 for four stages),
+    global average pooling, the aux scalars concatenated, and an MLP head: Linear-ReLU(-Dropout) per
+    head_dims entry, then Linear(., 1). With widths (16, 32, 64, 128), blocks (1, 2, 2, 1), head_dims (64,),
+    8 channels and 3 aux: ~0.41 M parameters.
+    """
+
+    def __init__(self, *, image_size: int, channels: int, widths: tuple[int, ...], blocks: tuple[int, ...],
+                 head_dims: tuple[int, ...] = (), num_aux: int = 0, dropout: float = 0.0):
+        super().__init__()
+        assert image_size >= 1 and channels >= 1, f"image_size {image_size}, channels {channels} must be >= 1"
+        assert len(widths) == len(blocks) >= 1 and min(widths) >= 1 and min(blocks) >= 1, (
+            f"widths and blocks must have one length >= 1, all >= 1; got {widths}, {blocks}")
+        assert all(h >= 1 for h in head_dims), f"head_dims must be >= 1, got {head_dims}"
+        assert num_aux >= 0, f"num_aux must be >= 0, got {num_aux}"
+        assert 0.0 <= dropout < 1.0, f"dropout {dropout} must be in [0, 1)"
+        self.image_size, self.channels, self.num_aux = image_size, channels, num_aux
+
+        self.stem = nn.Sequential(*conv_bn(channels, widths[0], 3, stride=2, padding=1), nn.ReLU())
+        self.stages = nn.Sequential(*[residual_stage(widths[max(i - 1, 0)], widths[i], blocks[i], stride=2)
+                                      for i in range(len(widths))])
+        layers, width = [], widths[-1] + num_aux
+        for hidden in head_dims:
+            layers += [nn.Linear(width, hidden), nn.ReLU(), Dropout(dropout)]
+            width = hidden
+        self.head = nn.Sequential(*layers, nn.Linear(width, 1))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """All initial values, in one place.
+
+        - Convs and BatchNorms: `init_conv_bn` (Kaiming, fan_out; zero-gamma on each block's last BatchNorm,
+          so every block starts as its shortcut).
+        - Hidden head Linears: Kaiming normal, fan_in, ReLU gain (std sqrt(2 / fan_in)), biases 0: keeps the
+          second moment of their input (pooled ReLU features of BatchNorm'd maps, O(1); aux of unit variance).
+        - Last Linear: truncated normal, std 0.1/sqrt(fan_in), bias 0. Its input is O(1) by the above, so the
+          first predictions have std <~0.1 around 0 = the standardised mean, as DeepViT's head: training
+          starts at the constant-prediction loss. Not 0: a zero last layer gives the trunk no gradient at
+          step 1.
+        """
+        init_conv_bn(self)
+        linears = [m for m in self.head if isinstance(m, nn.Linear)]
+        for layer in linears[:-1]:
+            nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+        last = linears[-1]
+        std = 0.1 / math.sqrt(last.in_features)
+        nn.init.trunc_normal_(last.weight, std=std, a=-2 * std, b=2 * std)
+        nn.init.zeros_(last.bias)
+
+    def forward(self, img: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
+        """img (B, C, H, W) float32, aux (B, num_aux) float32 or None -> (B,) float32."""
+        check_inputs(self, img, aux)
+        x = self.stages(self.stem(img))                                       # (B, widths[-1], 4, 4)
+        x = x.mean(dim=(2, 3))                                                # (B, widths[-1])
+        if aux is not None:
+            x = torch.cat((x, aux), dim=1)                                    # (B, widths[-1] + num_aux)
+        return self.head(x).squeeze(-1)                                       # (B,)

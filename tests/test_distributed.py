@@ -33,10 +33,11 @@ def torchrun(args, nproc=2, timeout=120):
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_process_gloo_run_matches_single_process_evaluation(tmp_path):
+@pytest.mark.parametrize("model", ["tiny", "resnet"])   # resnet: BatchNorm statistics under DDP
+def test_two_process_gloo_run_matches_single_process_evaluation(tmp_path, model):
     data = write_layout_file(tmp_path / "top.h5", n=48)
     run = tmp_path / "run"
-    proc = torchrun([data, "--model", "tiny", "--epochs", 1, "--batch-size", 4, "--device", "cpu",
+    proc = torchrun([data, "--model", model, "--epochs", 1, "--batch-size", 4, "--device", "cpu",
                      "--run-dir", run])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

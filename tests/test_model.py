@@ -1,7 +1,9 @@
-"""massreg.model, massreg.config: shapes, equality with vit-pytorch's DeepViT, gradients, dropout, presets."""
+"""massreg.model, massreg.config: shapes, equality with vit-pytorch's DeepViT, gradients, dropout, presets,
+the model families (DeepViT with a patch or conv stem, ResNet) behind one build_model."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import asdict
 
@@ -9,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from massreg.config import PRESETS, ModelConfig, build_model, model_config
-from massreg.model import DeepViT, Dropout
+from massreg.config import PRESETS, ModelConfig, build_model, complete, model_config
+from massreg.model import DeepViT, Dropout, ResNet, ResidualBlock
 
 TINY = dict(image_size=125, patch_size=25, channels=4, dim=32, depth=3, heads=4, dim_head=8, mlp_dim=64,
             dropout=0.0, emb_dropout=0.0)
@@ -304,7 +306,8 @@ def test_presets():
             seed.emb_dropout, seed.channels, seed.num_aux, seed.patch_norm) == (
         25, 1024, 6, 8, 64, 2048, 0.1, 0.1, 4, 0, True)             # the write-up's model
     assert PRESETS["tiny"].dropout == 0.0 and n_params(build_model(PRESETS["tiny"])) < 500_000
-    assert set(PRESETS) == {"seed", "small", "tiny"}
+    assert set(PRESETS) == {"seed", "small", "tiny", "hybrid", "hybrid49", "hybrid-seed", "resnet",
+                            "resnet-wide"}
 
 
 def test_model_config_overrides_copy_and_round_trip():
@@ -316,10 +319,166 @@ def test_model_config_overrides_copy_and_round_trip():
 
 
 def test_model_config_rejects_unknown_names():
-    with pytest.raises(ValueError, match="unknown model preset 'huge'; choose one of: seed, small, tiny"):
+    with pytest.raises(ValueError, match="unknown model preset 'huge'; choose one of: seed, small, tiny, "):
         model_config("huge")
     with pytest.raises(ValueError, match="unknown model option.*depht"):
         model_config("tiny", depht=3)
+
+
+# ------------------------------------------------------------------------------------ the model families
+
+# Every preset at a test size: its structure (family, stem, blocks per stage, token grid) kept, widths cut.
+SMALL = dict(dim=16, depth=2, heads=2, dim_head=8, mlp_dim=16)
+TEST_SIZE = {
+    "seed": dict(SMALL),
+    "small": dict(SMALL),
+    "tiny": dict(SMALL),
+    "hybrid": dict(SMALL, widths=(4, 8)),
+    "hybrid49": dict(SMALL, widths=(4, 8, 8)),
+    "hybrid-seed": dict(SMALL, widths=(4, 8)),
+    "resnet": dict(widths=(4, 8, 8, 8), head_dims=(8,)),
+    "resnet-wide": dict(widths=(4, 4, 8, 8), head_dims=(8,)),
+}
+
+
+def test_every_preset_has_a_test_size():
+    assert set(TEST_SIZE) == set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", list(TEST_SIZE))
+@pytest.mark.parametrize("num_aux", [0, 3])
+def test_family_output_shape(preset, num_aux):
+    cfg = model_config(preset, channels=8, num_aux=num_aux, **TEST_SIZE[preset])
+    model = build_model(cfg).eval()
+    assert isinstance(model, ResNet if cfg.family == "resnet" else DeepViT)
+    aux = torch.randn(3, num_aux) if num_aux else None
+    with torch.no_grad():
+        out = model(sparse_images(3, 8), aux)
+    assert out.shape == (3,) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("preset", list(TEST_SIZE))
+def test_family_backward_every_parameter_gets_a_gradient(preset):
+    """Train mode (BatchNorm on batch statistics, dropout on where the preset has it). The zero-gamma init
+    of each residual block's last BatchNorm gives that block's branch no gradient at step 0 by design, so the
+    gammas are set off 0 first: then a parameter without a gradient is one cut off from the output."""
+    torch.manual_seed(0)
+    model = build_model(model_config(preset, channels=8, num_aux=3, **TEST_SIZE[preset])).train()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+    out = model(sparse_images(4, 8), torch.randn(4, 3))
+    torch.nn.functional.mse_loss(out, torch.randn(4)).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+        assert p.grad.abs().max() > 0, f"{name} has an all-zero gradient"
+
+
+@pytest.mark.parametrize("preset", ["hybrid", "resnet"])
+def test_family_bad_inputs_named(preset):
+    model = build_model(model_config(preset, channels=4, num_aux=2, **TEST_SIZE[preset])).eval()
+    expects = rf"{type(model).__name__} expects images \(B, 4, 125, 125\), got"
+    name = type(model).__name__
+    with pytest.raises(ValueError, match=rf"{expects} \(2, 8, 125, 125\)"):
+        model(torch.zeros(2, 8, 125, 125), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match=rf"{expects} \(2, 4, 64, 64\)"):
+        model(torch.zeros(2, 4, 64, 64), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match=f"{name} built with num_aux=2 was called with no aux"):
+        model(torch.zeros(2, 4, 125, 125))
+    with pytest.raises(ValueError, match=r"aux must be \(B, 2\)"):
+        model(torch.zeros(2, 4, 125, 125), torch.zeros(2, 3))
+    plain = build_model(model_config(preset, channels=4, **TEST_SIZE[preset])).eval()
+    with pytest.raises(ValueError, match="num_aux=0 was called with aux"):
+        plain(torch.zeros(2, 4, 125, 125), torch.zeros(2, 2))
+
+
+# Parameters with 8 channels and 3 aux scalars (the default recipe's inputs), and the transformer's tokens.
+PRESET_SIZES = {"tiny": (465_585, 25), "hybrid": (231_649, 169), "hybrid49": (865_569, 49),
+                "hybrid-seed": (13_452_641, 169), "resnet": (409_601, None), "resnet-wide": (2_830_977, None)}
+
+
+@pytest.mark.parametrize("preset", list(PRESET_SIZES))
+def test_preset_parameter_counts_and_tokens(preset):
+    cfg = model_config(preset, channels=8, num_aux=3)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert (n_params(model), cfg.tokens()) == PRESET_SIZES[preset]
+    if cfg.family == "deepvit":
+        assert model.pos_embedding.shape == (1, cfg.tokens() + 1, cfg.dim)
+
+
+@pytest.mark.parametrize("preset", ["hybrid", "hybrid49"])
+def test_conv_stem_token_grid(preset):
+    """The conv stem's output grid is what the position table was sized for: 25 -> 13 (-> 7)."""
+    cfg = model_config(preset, channels=8, **TEST_SIZE[preset])
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        tokens = model.to_patches(sparse_images(2, 8))
+    assert tokens.shape == (2, cfg.tokens(), cfg.widths[-1]) and cfg.tokens() == {"hybrid": 169,
+                                                                                   "hybrid49": 49}[preset]
+
+
+def test_resnet_structure_and_init():
+    model = build_model(model_config("resnet", channels=8, num_aux=3)).train()
+    blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+    assert len(blocks) == 1 + 2 + 2 + 1
+    assert [b.conv1.stride[0] for b in blocks] == [2, 2, 1, 2, 1, 2]          # stride 2 at each stage start
+    assert all(torch.equal(b.bn2.weight, torch.zeros_like(b.bn2.weight)) for b in blocks)   # zero-gamma
+    assert [type(b.shortcut).__name__ for b in blocks] == ["Sequential", "Sequential", "Identity",
+                                                           "Sequential", "Identity", "Sequential"]
+    # At the start every block is its shortcut: a block with an identity shortcut passes its input through
+    x = torch.relu(torch.randn(2, 32, 16, 16))
+    with torch.no_grad():
+        assert torch.equal(blocks[2](x), x)
+    # ... and the first predictions sit near 0, the standardised mean (BatchNorm'd features, a small head)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = model(sparse_images(16, 8, seed=4), torch.randn(16, 3))
+    assert out.abs().max() < 0.5 and out.std() > 0
+
+
+# -------------------------------------------------------------------------------------------- family config
+
+@pytest.mark.parametrize("options, message", [
+    (dict(family="cnn"), "model family 'cnn': choose one of deepvit, resnet"),
+    (dict(stem="linear"), "model stem 'linear'"),
+    (dict(family="resnet"), "stem must be 'conv'"),
+    (dict(stem="conv", widths=(8,), blocks=(1,)), "patch_norm .* belongs to stem='patch'"),
+    (dict(stem="conv", patch_norm=False, widths=(8, 16), blocks=(1,)), "widths and blocks of one length"),
+    (dict(stem="conv", patch_norm=False), "widths and blocks of one length"),
+    (dict(widths=(8,), blocks=(1,)), "stem='patch' has none"),
+    (dict(head_dims=(8,)), "for the resnet family only"),
+])
+def test_impossible_family_combinations_rejected(options, message):
+    with pytest.raises(ValueError, match=message) as err:
+        ModelConfig(**options)
+    assert "\n" not in str(err.value)
+
+
+def test_no_patch_norm_on_presets_without_one():
+    for preset in ("hybrid", "resnet"):
+        with pytest.raises(ValueError, match="patch_norm"):
+            model_config(preset, patch_norm=True)
+
+
+@pytest.mark.parametrize("preset", ["hybrid49", "resnet-wide"])
+def test_config_round_trips_json_and_torch(preset, tmp_path):
+    cfg = model_config(preset, channels=8, num_aux=3)
+    from_json = ModelConfig(**json.loads(json.dumps(asdict(cfg))))      # config.json holds lists
+    assert from_json == cfg and isinstance(from_json.widths, tuple)
+    torch.save({"model_config": asdict(cfg)}, tmp_path / "c.pt")
+    assert ModelConfig(**torch.load(tmp_path / "c.pt", weights_only=True)["model_config"]) == cfg
+
+
+def test_config_without_family_fields_is_the_old_deepvit():
+    """A model_config stored before the families existed (no family/stem/widths/blocks/head_dims)."""
+    old = {k: v for k, v in asdict(model_config("tiny", channels=8, num_aux=3)).items()
+           if k not in ("family", "stem", "widths", "blocks", "head_dims")}
+    assert ModelConfig(**old) == model_config("tiny", channels=8, num_aux=3)
+    assert complete(old) == asdict(model_config("tiny", channels=8, num_aux=3))
+    assert complete({**old, "widths": [4, 8]})["widths"] == (4, 8)
 
 
 # ------------------------------------------------------------------------------------------------------ GPU

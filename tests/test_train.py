@@ -73,6 +73,24 @@ def test_check_model_config_names_differences():
         ck.check_model_config(ckpt, {"dim": 16, "depth": 1})
 
 
+NEW_MODEL_FIELDS = ("family", "stem", "widths", "blocks", "head_dims")   # added to ModelConfig with issue 9
+
+
+def test_check_model_config_fills_fields_an_old_checkpoint_lacks():
+    from dataclasses import asdict
+
+    from massreg.config import model_config
+
+    tiny = asdict(model_config("tiny", channels=8, num_aux=3))
+    old = {k: v for k, v in tiny.items() if k not in NEW_MODEL_FIELDS}
+    ck.check_model_config(payload(model_config=old), tiny)               # the same model: no error
+    hybrid = asdict(model_config("hybrid", channels=8, num_aux=3))
+    with pytest.raises(ck.CheckpointError, match=r"stem: 'patch' in checkpoint vs 'conv' asked"):
+        ck.check_model_config(payload(model_config=old), hybrid)
+    as_json = {**hybrid, "widths": list(hybrid["widths"]), "blocks": list(hybrid["blocks"])}
+    ck.check_model_config(payload(model_config=as_json), hybrid)         # lists (JSON) equal tuples
+
+
 def test_rng_capture_restore_replays_every_generator():
     state = ck.capture_rng()
     first = (torch.rand(3), np.random.rand(3), random.random())
@@ -250,6 +268,11 @@ def test_recipes_and_overrides():
     assert build_config(data=("x.h5",)).lr == 1e-4
     assert (build_config(data=("x.h5",), model="tiny").lr == build_config(data=("x.h5",), model="small").lr
             == 1e-3)
+    from massreg.config import PRESETS
+    from massreg.train import DEFAULT_LR
+    assert set(DEFAULT_LR) == set(PRESETS)                                   # every preset has its lr
+    lrs = {m: build_config(data=("x.h5",), model=m).lr for m in ("resnet", "hybrid", "hybrid-seed")}
+    assert lrs == {"resnet": 1e-3, "hybrid": 1e-3, "hybrid-seed": 1e-4}
     c = build_config(data=("x.h5",), model="seed", lr=5e-4)
     assert (c.lr == 5e-4 and "lr" in c.overrides
             and build_config("seed", data=("x.h5",), model="tiny").lr == 1e-3)
@@ -265,6 +288,8 @@ def test_recipes_and_overrides():
     (dict(resume="runs/a", run_dir="runs/b"), "drop --run-dir"),
     (dict(data=()), "at least one DATA.h5"),
     (dict(max_train_samples=0), "--max-train-samples"),
+    (dict(model="resnet", patch_norm=False), "--no-patch-norm: the resnet model has no patch norm"),
+    (dict(model="hybrid", patch_norm=True), "--patch-norm: the hybrid model has no patch norm"),
 ])
 def test_invalid_options_are_refused_before_work(options, message):
     from massreg.train import ConfigError, build_config
@@ -388,6 +413,31 @@ def test_resume_with_another_model_is_refused(tiny_run):
     assert ck.load_checkpoint(run / "last.pt")["epoch"] == 2  # untouched
 
 
+def test_checkpoint_from_before_the_model_families_restores_and_resumes(tiny_run, tmp_path, monkeypatch):
+    """Checkpoints written before ModelConfig had family/stem/widths/blocks/head_dims: the fields they lack
+    default to the model they hold (a DeepViT with the linear patch embedding); restore and --resume work."""
+    import shutil
+
+    from massreg.model import DeepViT
+
+    run, _, _ = tiny_run
+    old_run = tmp_path / "old"
+    shutil.copytree(run, old_run)
+    for name in ("last.pt", "best_val_loss.pt"):
+        ckpt = ck.load_checkpoint(old_run / name)
+        ckpt["model_config"] = {k: v for k, v in ckpt["model_config"].items() if k not in NEW_MODEL_FIELDS}
+        ck.save_checkpoint(old_run / name, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    assert "family" not in ck.load_checkpoint(old_run / "last.pt")["model_config"]
+    r = ck.restore(ck.load_checkpoint(old_run / "best_val_loss.pt"))
+    assert isinstance(r.model, DeepViT)
+    assert (r.model_config.family, r.model_config.stem) == ("deepvit", "patch")
+    monkeypatch.setattr("massreg.train.make_plots", lambda *a, **k: None)
+    result = run_cli(["--resume", old_run, "--epochs", 3])
+    assert result.exit_code == 0, result.output
+    last = ck.load_checkpoint(old_run / "last.pt")
+    assert last["epoch"] == 3 and last["model_config"]["family"] == "deepvit"
+
+
 def test_resume_with_other_settings_is_refused(tiny_run):
     run, _, _ = tiny_run
     result = run_cli(["--resume", run, "--lr", "0.5", "--epochs", 3])
@@ -411,21 +461,35 @@ def test_file_not_in_layout_is_a_one_line_error(tmp_path, kind, message):
     assert not (tmp_path / "run" / "config.json").exists()
 
 
-def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, data_file, monkeypatch):
-    """2 epochs straight vs 1 epoch, stop, --resume for the 2nd: same weights, optimizer state and metrics.
+# Small models of each family with dropout on, registered as presets for the resume tests.
+RESUME_MODELS = {
+    "tiny-dropout": dict(preset="tiny", dropout=0.2, emb_dropout=0.1),
+    "hybrid-test": dict(preset="hybrid", widths=(4, 8), dim=16, depth=2, heads=2, dim_head=8, mlp_dim=16,
+                        dropout=0.2, emb_dropout=0.1),
+    "resnet-test": dict(preset="resnet", widths=(4, 8, 8, 8), head_dims=(8,), dropout=0.2),  # + BatchNorm
+}
+
+
+def register_model(monkeypatch, name: str) -> None:
+    from massreg import config as mconfig
+
+    options = dict(RESUME_MODELS[name])
+    monkeypatch.setitem(mconfig.PRESETS, name, mconfig.model_config(options.pop("preset"), **options))
+
+
+@pytest.mark.parametrize("model", list(RESUME_MODELS))
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, data_file, monkeypatch, model):
+    """2 epochs straight vs 1 epoch, stop, --resume for the 2nd: same weights (BatchNorm statistics
+    included), optimizer state and metrics.
 
     The model has dropout and the recipe shuffles, flips and feeds aux, so every RNG path is exercised."""
-    import dataclasses
-
     import pandas as pd
 
-    from massreg import config as mconfig
     from massreg.train import build_config, train
 
     monkeypatch.setattr("massreg.train.make_plots", lambda *a, **k: None)  # plots are tested elsewhere; slow
-    monkeypatch.setitem(mconfig.PRESETS, "tiny-dropout",
-                        dataclasses.replace(mconfig.PRESETS["tiny"], dropout=0.2, emb_dropout=0.1))
-    opts = dict(data=(str(data_file),), model="tiny-dropout", batch_size=8, epochs=2, device="cpu", seed=3)
+    register_model(monkeypatch, model)
+    opts = dict(data=(str(data_file),), model=model, batch_size=8, epochs=2, device="cpu", seed=3)
     quiet = lambda *a, **k: None  # noqa: E731
     train(build_config(**opts, run_dir=str(tmp_path / "straight")), echo=quiet)
     stopped = train(build_config(**opts, run_dir=str(tmp_path / "resumed")), stop_after_epochs=1, echo=quiet)
