@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from massreg.config import PRESETS, ModelConfig, build_model, complete, model_config
-from massreg.model import DeepViT, Dropout, ResNet, ResidualBlock
+from massreg.model import Attention, DeepViT, Dropout, HeadNorm, ResNet, ResidualBlock
 
 TINY = dict(image_size=125, patch_size=25, channels=4, dim=32, depth=3, heads=4, dim_head=8, mlp_dim=64,
             dropout=0.0, emb_dropout=0.0)
@@ -202,22 +202,21 @@ def test_equivalence_check_catches_mutations(mutation):
         elif mutation == "no-head-mixing":
             with torch.no_grad():
                 attn.reattn_weights.copy_(torch.eye(attn.heads))
-        else:  # LayerNorm over the last axis of the usual (B, h, i, j) layout, i.e. over the keys j
+        else:  # LayerNorm over the last axis of the (B, h, i, j) layout, i.e. over the keys j
             attn.reattn_norm = NormOverKeys(attn.reattn_norm)
     assert max_abs_diff(ref, ours, x) > 1e-3
 
 
 class NormOverKeys(nn.Module):
-    """Wrong on purpose: applied to (B, i, j, h), normalises over j (the keys) instead of h (the heads)."""
+    """Wrong on purpose: applied to (B, h, i, j), normalises over j (the keys) instead of h (the heads)."""
 
     def __init__(self, norm: nn.LayerNorm):
         super().__init__()
         self.norm = norm
 
-    def forward(self, attn):                                    # (B, i, j, h)
-        z = attn.transpose(2, 3)                                # (B, i, h, j)
-        z = torch.nn.functional.layer_norm(z, z.shape[-1:])
-        return z.transpose(2, 3) * self.norm.weight + self.norm.bias
+    def forward(self, attn):                                    # (B, h, i, j)
+        z = torch.nn.functional.layer_norm(attn, attn.shape[-1:])
+        return z * self.norm.weight.view(1, -1, 1, 1) + self.norm.bias.view(1, -1, 1, 1)
 
 
 def test_seed_preset_parameter_count_matches_reference():
@@ -437,6 +436,60 @@ def test_resnet_structure_and_init():
     with torch.no_grad():
         out = model(sparse_images(16, 8, seed=4), torch.randn(16, 3))
     assert out.abs().max() < 0.5 and out.std() > 0
+
+
+# ------------------------------------------------------------------------------- re-attention, written out
+
+def naive_reattention(attn_module: Attention, x: torch.Tensor) -> torch.Tensor:
+    """vit-pytorch's Attention.forward, written out with einsums on the heads-last LayerNorm it uses."""
+    h, d = attn_module.heads, attn_module.dim_head
+    x = attn_module.norm(x)
+    q, k, v = (t.reshape(x.shape[0], x.shape[1], h, d).permute(0, 2, 1, 3)
+               for t in attn_module.to_qkv(x).chunk(3, dim=-1))                    # (B, h, N, d) each
+    dots = torch.einsum("bhid,bhjd->bhij", q, k) * attn_module.scale
+    attn = dots.softmax(dim=-1)
+    attn = torch.einsum("bhij,hg->bgij", attn, attn_module.reattn_weights)          # mix the heads
+    norm = attn_module.reattn_norm
+    attn = torch.nn.functional.layer_norm(attn.permute(0, 2, 3, 1), (h,), norm.weight, norm.bias, norm.eps)
+    out = torch.einsum("bijh,bhjd->bihd", attn, v).reshape(x.shape[0], x.shape[1], h * d)
+    return attn_module.to_out(out)
+
+
+@pytest.mark.parametrize("heads", [4, 8])
+def test_reattention_equals_naive_einsums_float64(heads):
+    """HeadNorm's hand-written forward/backward and the heads-first mixing against the plain formula."""
+    torch.manual_seed(heads)
+    attn = Attention(dim=16, heads=heads, dim_head=4).double()
+    with torch.no_grad():
+        attn.reattn_norm.weight.uniform_(0.5, 1.5)                 # affines off 1 / 0, so a wrong axis shows
+        attn.reattn_norm.bias.uniform_(-0.3, 0.3)
+    x = torch.randn(3, 37, 16, dtype=torch.float64)
+    w = torch.randn(3, 37, 16, dtype=torch.float64)                # a loss that weighs every output
+    grads = []
+    for forward in (lambda m, t: m(t), naive_reattention):
+        attn.zero_grad()
+        out = forward(attn, x)
+        (out * w).sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in attn.named_parameters()}))
+    (ours, g_ours), (ref, g_ref) = grads
+    assert (ours - ref).abs().max() < 1e-12 * ref.abs().max()
+    for name in g_ref:
+        assert (g_ours[name] - g_ref[name]).abs().max() <= 1e-12 * g_ref[name].abs().max(), name
+    with torch.no_grad():                                           # the cls-only path: row 0 of the full one
+        assert (attn(x, cls_only=True) - ref[:, :1]).abs().max() < 1e-12 * ref.abs().max()
+
+
+def test_head_norm_gradcheck():
+    norm = HeadNorm(5).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.3, 0.3)
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: norm(t), (x,))
+    assert torch.autograd.gradcheck(lambda w, b: torch.nn.functional.layer_norm(
+        x.detach().permute(0, 2, 3, 1), (5,), w, b, norm.eps).permute(0, 3, 1, 2), (norm.weight, norm.bias))
+    expected = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (5,), norm.weight, norm.bias, norm.eps)
+    assert torch.allclose(norm(x), expected.permute(0, 3, 1, 2), rtol=0, atol=1e-12)
 
 
 # -------------------------------------------------------------------------------------------- family config
