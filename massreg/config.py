@@ -13,8 +13,9 @@ from massreg.model import DeepViT, ResNet, conv_grid
 
 FAMILIES = ("deepvit", "resnet")
 STEMS = ("patch", "conv")
+REATTN_INITS = ("reference", "scaled")
 # The fields a ResNet reads; it ignores the DeepViT's (patch_size, dim, depth, heads, dim_head, mlp_dim,
-# emb_dropout), which its presets leave at their defaults.
+# emb_dropout, reattn_init), which its presets leave at their defaults.
 RESNET_FIELDS = ("image_size", "channels", "widths", "blocks", "head_dims", "num_aux", "dropout")
 
 
@@ -43,6 +44,7 @@ class ModelConfig:
     widths: tuple[int, ...] = ()     # channels per conv stage: the resnet's trunk, or the deepvit's conv stem
     blocks: tuple[int, ...] = ()     # residual blocks per conv stage
     head_dims: tuple[int, ...] = ()  # resnet: hidden widths of the MLP head
+    reattn_init: str = "reference"   # deepvit: LayerNorm-over-heads gain 1 (reference) or 1/sqrt(tokens + 1)
 
     def __post_init__(self):
         # JSON (config.json) stores tuples as lists: turn them back, so a round trip compares equal.
@@ -53,6 +55,9 @@ class ModelConfig:
             raise ValueError(f"model family {self.family!r}: choose one of {', '.join(FAMILIES)}")
         if self.stem not in STEMS:
             raise ValueError(f"model stem {self.stem!r}: choose one of {', '.join(STEMS)}")
+        if self.reattn_init not in REATTN_INITS:
+            raise ValueError(f"model reattn_init {self.reattn_init!r}: choose one of "
+                             f"{', '.join(REATTN_INITS)}")
         if self.image_size < 1 or self.patch_size < 1 or self.image_size % self.patch_size:
             fit = [p for p in range(1, max(self.image_size, 0) + 1) if self.image_size % p == 0]
             raise ValueError(f"patch_size {self.patch_size} must divide image_size {self.image_size}; "
@@ -78,6 +83,8 @@ class ModelConfig:
         elif self.widths or self.blocks:
             raise ValueError(f"widths {self.widths} and blocks {self.blocks} describe a conv stem; "
                              "stem='patch' has none")
+        if self.family == "resnet" and self.reattn_init != "reference":
+            raise ValueError("reattn_init belongs to the deepvit family; the resnet has no attention")
         if self.head_dims and (self.family != "resnet" or min(self.head_dims) < 1):
             raise ValueError(f"head_dims {self.head_dims}: hidden head widths >= 1, for the resnet family "
                              "only")
@@ -92,6 +99,7 @@ class ModelConfig:
 
 
 NO_DROPOUT = dict(dropout=0.0, emb_dropout=0.0)
+HYBRID = dict(family="deepvit", stem="conv", patch_norm=False, patch_size=5, reattn_init="scaled")
 PRESETS: dict[str, ModelConfig] = {
     # The original write-up's model (reference/seed-task3a-regression.md): 40,397,161 parameters (4 channels).
     "seed": ModelConfig(),
@@ -100,17 +108,16 @@ PRESETS: dict[str, ModelConfig] = {
     # Trains on a CPU in minutes (~0.3 M parameters); no dropout, which small data and few epochs do not need.
     "tiny": ModelConfig(dim=64, depth=4, heads=4, dim_head=16, mlp_dim=128, dropout=0.0, emb_dropout=0.0),
     # Hybrid DeepViTs: tokens from a conv stem (5 x 5 stride-5 conv to 25 x 25, residual blocks, stride-2
-    # stages). `hybrid`: tiny's transformer on 13 x 13 = 169 tokens (~0.23 M parameters).
-    "hybrid": ModelConfig(family="deepvit", stem="conv", patch_norm=False, patch_size=5, widths=(32, 64),
-                          blocks=(1, 1), dim=64, depth=4, heads=4, dim_head=16, mlp_dim=128, **NO_DROPOUT),
+    # stages), the LayerNorm over heads started at 1/sqrt(tokens + 1) (DeepViT.init_weights says why).
+    # `hybrid`: tiny's transformer on 13 x 13 = 169 tokens (~0.23 M parameters).
+    "hybrid": ModelConfig(**HYBRID, widths=(32, 64), blocks=(1, 1), dim=64, depth=4, heads=4, dim_head=16,
+                          mlp_dim=128, **NO_DROPOUT),
     # One more stride-2 stage at 128 channels: 7 x 7 = 49 tokens at twice tiny's width (~0.87 M).
-    "hybrid49": ModelConfig(family="deepvit", stem="conv", patch_norm=False, patch_size=5,
-                            widths=(32, 64, 128), blocks=(1, 1, 1), dim=128, depth=4, heads=4, dim_head=32,
-                            mlp_dim=256, **NO_DROPOUT),
+    "hybrid49": ModelConfig(**HYBRID, widths=(32, 64, 128), blocks=(1, 1, 1), dim=128, depth=4, heads=4,
+                            dim_head=32, mlp_dim=256, **NO_DROPOUT),
     # GPU size: a wider, deeper stem and a transformer between `small` and `seed` (~13 M parameters).
-    "hybrid-seed": ModelConfig(family="deepvit", stem="conv", patch_norm=False, patch_size=5,
-                               widths=(64, 128), blocks=(2, 2), dim=512, depth=6, heads=8, dim_head=64,
-                               mlp_dim=1024, dropout=0.1, emb_dropout=0.1),
+    "hybrid-seed": ModelConfig(**HYBRID, widths=(64, 128), blocks=(2, 2), dim=512, depth=6, heads=8,
+                               dim_head=64, mlp_dim=1024, dropout=0.1, emb_dropout=0.1),
     # The ResNet of issue 9 (CPU / demo size, ~0.41 M parameters with 8 channels and 3 aux).
     "resnet": ModelConfig(family="resnet", stem="conv", patch_norm=False, widths=(16, 32, 64, 128),
                           blocks=(1, 2, 2, 1), head_dims=(64,), **NO_DROPOUT),

@@ -17,11 +17,12 @@ What differs is how it is computed:
   Same outputs and gradients, about 1/depth less work.
 - On the CPU in eager mode, dropout draws integers for its mask instead of the slow `bernoulli_` (`Dropout`).
 
-Three additions, all off by default so that the default is exactly the reference: `num_aux` (scalars such as
-pT, ieta, iphi embedded and added to the cls token), `patch_norm=False` (no LayerNorm over raw patch pixels)
-and `stem="conv"`: tokens from a convolutional stem of residual blocks instead of the linear patch embedding
+Four additions, all off by default so that the default is exactly the reference: `num_aux` (scalars such as
+pT, ieta, iphi embedded and added to the cls token), `patch_norm=False` (no LayerNorm over raw patch pixels),
+`stem="conv"`: tokens from a convolutional stem of residual blocks instead of the linear patch embedding
 (the "hybrid" ViT of Dosovitskiy et al. 2021, sec. 3.1), which sees the two-prong structure inside a sparse
-patch that a linear embedding loses.
+patch that a linear embedding loses, and `reattn_init="scaled"`, which starts the LayerNorm over heads at
+gain 1/sqrt(tokens) so that many tokens do not collapse into one at initialisation (`init_weights`).
 
 ResNet: in the style of the CMS end-to-end papers' ResNets: a 3 x 3 stride-2 stem, stages of basic residual
 blocks (BatchNorm, ReLU, stride 2 at each stage start), global average pooling, the aux scalars concatenated,
@@ -314,7 +315,7 @@ class DeepViT(nn.Module):
     def __init__(self, *, image_size: int, patch_size: int, channels: int, dim: int, depth: int, heads: int,
                  dim_head: int, mlp_dim: int, dropout: float = 0.0, emb_dropout: float = 0.0,
                  num_aux: int = 0, patch_norm: bool = True, stem: str = "patch",
-                 widths: tuple[int, ...] = (), blocks: tuple[int, ...] = ()):
+                 widths: tuple[int, ...] = (), blocks: tuple[int, ...] = (), reattn_init: str = "reference"):
         super().__init__()
         assert image_size > 0 and patch_size > 0 and image_size % patch_size == 0, (
             f"patch_size {patch_size} must divide image_size {image_size} "
@@ -332,7 +333,10 @@ class DeepViT(nn.Module):
             assert len(widths) == len(blocks) >= 1 and min(widths) >= 1 and min(blocks) >= 1, (
                 f"a conv stem needs widths and blocks of one length >= 1, all >= 1; got {widths}, {blocks}")
             assert not patch_norm, "patch_norm is the linear patch embedding's; a conv stem has none"
+        assert reattn_init in ("reference", "scaled"), (
+            f"reattn_init must be 'reference' or 'scaled', got {reattn_init!r}")
         self.image_size, self.channels, self.num_aux = image_size, channels, num_aux
+        self.reattn_init = reattn_init
 
         if stem == "patch":
             num_patches = (image_size // patch_size) ** 2
@@ -381,6 +385,12 @@ class DeepViT(nn.Module):
           std ~0.1 around bias 0 = the standardised mean: training starts at the constant-prediction loss.
           Adam's steps do not shrink with the head's scale, so a small head does not slow the trunk.
         - reattn_weights: N(0, 1), the reference's; the LayerNorm over heads after it makes its scale moot.
+        - reattn_norm (the LayerNorm over heads) weight: 1 with reattn_init="reference" (the reference's).
+          Its output is no softmax row any more (entries ~1/N summing to 1) but entries O(1) of either sign,
+          so attn @ v is a sum over the N keys that grows with N. At 170 tokens (`hybrid`) the first layer's
+          attention output is then ~20x its input, by the fourth layer the tokens point one way (cosine 0.95)
+          and training stalls at the constant prediction. reattn_init="scaled": 1/sqrt(N), the fan-in scaling
+          of that sum, so that it starts on the scale of v. The 25-token presets keep the reference's.
         - conv stem: `init_conv_bn` (Kaiming convs, zero-gamma residual blocks); the tokens it makes are
           LayerNorm'd like the patch embedding's, so the rules above hold for them too.
         """
@@ -397,6 +407,10 @@ class DeepViT(nn.Module):
                 nn.init.normal_(module.reattn_weights, std=1.0)
         nn.init.normal_(self.cls_token, std=1.0)
         nn.init.normal_(self.pos_embedding, std=1.0)
+        if self.reattn_init == "scaled":
+            for module in self.modules():
+                if isinstance(module, HeadNorm):
+                    nn.init.constant_(module.weight, self.pos_embedding.shape[1] ** -0.5)   # 1/sqrt(keys)
         if self.aux_embedding is not None:
             std = 1.0 / math.sqrt(self.num_aux)
             nn.init.trunc_normal_(self.aux_embedding.weight, std=std, a=-2 * std, b=2 * std)

@@ -111,9 +111,10 @@ RECIPES: dict[str, dict] = {
 # The default recipe's peak learning rate by model preset, unless --lr is given. Measured on 7,000 generated
 # top rows, 8 channels, a 30-epoch schedule (README, "On a GPU"): the 43 M-parameter `seed` reached a test
 # MAE of 0.85x the constant prediction at 1e-3, 0.75x at 3e-4 and 0.57x at 1e-4; `tiny` trains well at 1e-3
-# and not at 3e-3. `resnet` and a conv-stem DeepViT like `hybrid` trained well at 1e-3 in issue 9's probes
-# (8 epochs of demo-size data); hybrid49 is only checked to learn at 1e-3 (3 epochs). resnet-wide (1e-3, as
-# for BatchNorm ResNets generally) and hybrid-seed (1e-4, as seed) are unmeasured guesses.
+# and not at 3e-3. `resnet` trained well at 1e-3 in issue 9's probes (8 epochs of demo-size data); hybrid and
+# hybrid49 are only checked to learn at 1e-3 (3 epochs on 6,000 generated rows: 0.74x and 0.72x the constant's
+# val MAE), not tuned. resnet-wide (1e-3, as BatchNorm ResNets generally) and hybrid-seed (1e-4, as seed) are
+# unmeasured guesses.
 DEFAULT_LR = {"tiny": 1e-3, "small": 1e-3, "seed": 1e-4, "hybrid": 1e-3, "hybrid49": 1e-3,
               "hybrid-seed": 1e-4, "resnet": 1e-3, "resnet-wide": 1e-3}
 CHOICES = {"recipe": tuple(RECIPES), "optimizer": ("adam", "adamw"),

@@ -73,7 +73,7 @@ def test_check_model_config_names_differences():
         ck.check_model_config(ckpt, {"dim": 16, "depth": 1})
 
 
-NEW_MODEL_FIELDS = ("family", "stem", "widths", "blocks", "head_dims")   # added to ModelConfig with issue 9
+NEW_MODEL_FIELDS = ("family", "stem", "widths", "blocks", "head_dims", "reattn_init")   # added by issue 9
 
 
 def test_check_model_config_fills_fields_an_old_checkpoint_lacks():
