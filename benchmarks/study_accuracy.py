@@ -84,7 +84,8 @@ def table(summary: list[dict], reference: str | None) -> str:
     for s in summary:
         knn = f"{s['ratio_knn']:.3f}" if s["ratio_knn"] is not None else "-"
         vs = f"{s['mae'] / ref['mae']:.3f} | " if ref else ""
-        lines.append(f"| {s['run']} | {s['epochs']} | {s['mae']:.1f} ({', '.join(map(str, s['mae_each']))}) | "
+        each = ", ".join(map(str, s["mae_each"]))
+        lines.append(f"| {s['run']} | {s['epochs']} | {s['mae']:.1f} ({each}) | "
                      f"{s['ratio_const']:.3f} | {knn} | {vs}{s['mre']:.3f} | {s['resolution']:.3f} | "
                      f"{s['s_per_epoch']:.1f} |")
     const = statistics.fmean(s["const_mae"] for s in summary)
