@@ -1,5 +1,5 @@
 """30-nearest-neighbour regression of m on the invariant mass of the ECAL + HCAL pixels (the method of the
-pipeline.synth docstring): 4,096 top events, seed 5, simulated in chunks of 256 (chunk_rng(5, 0, i), as
+pipeline.synth_physics docstring): 4,096 top events, seed 5, simulated in chunks of 256 (chunk_rng(5, 0, i), as
 `python -m pipeline.synth DIR --rows 4096 --seed 5` writes them); the pixel mass of each event as the one
 feature; kNN (k=30, mean of the neighbours' m) fitted on one half, scored on the other half, and the other way
 round (2-fold); constant = the training half's mean."""
