@@ -33,7 +33,7 @@ def torchrun(args, nproc=2, timeout=120):
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("model", ["tiny", "resnet"])   # resnet: BatchNorm statistics under DDP
+@pytest.mark.parametrize("model", ["tiny", "resnet", "hybrid49"])   # BatchNorm statistics under DDP
 def test_two_process_gloo_run_matches_single_process_evaluation(tmp_path, model):
     data = write_layout_file(tmp_path / "top.h5", n=48)
     run = tmp_path / "run"

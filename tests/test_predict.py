@@ -33,9 +33,9 @@ def world(tmp_path_factory):
     return d, [str(p) for p in raw], str(h5), str(ckpt)
 
 
-def resnet_checkpoint(world) -> str:
-    """The world's checkpoint with its model swapped for the `resnet` preset, its BatchNorm gains and last
-    layer made non-trivial (zero-gamma blocks and a small head would give a near-constant prediction that
+def family_checkpoint(world, preset: str) -> str:
+    """The world's checkpoint with its model swapped for `preset` (`resnet`, `hybrid49`), its BatchNorm gains
+    and last layer made non-trivial (zero-gamma blocks and a small head would give a near-constant prediction that
     hides a wrong input)."""
     from dataclasses import asdict
 
@@ -43,10 +43,10 @@ def resnet_checkpoint(world) -> str:
     from massreg.config import build_model, model_config
 
     d, _, _, ckpt = world
-    path = d / "resnet.pt"
+    path = d / f"{preset}.pt"
     if not path.exists():
         payload = torch.load(ckpt, weights_only=True)
-        cfg = model_config("resnet", channels=payload["model_config"]["channels"],
+        cfg = model_config(preset, channels=payload["model_config"]["channels"],
                            num_aux=payload["model_config"]["num_aux"])
         torch.manual_seed(0)
         model = build_model(cfg)
@@ -54,18 +54,19 @@ def resnet_checkpoint(world) -> str:
             for module in model.modules():
                 if isinstance(module, torch.nn.BatchNorm2d):
                     module.weight.uniform_(0.5, 1.5)
-            model.head[-1].weight.normal_(0.0, 0.3)
+            head = model.head[-1] if isinstance(model.head, torch.nn.Sequential) else model.head
+            head.weight.normal_(0.0, 0.3)
         payload.update(model=model.state_dict(), model_config=asdict(cfg))
         ck.save_checkpoint(path, {k: v for k, v in payload.items() if k not in ("format", "version")})
     return str(path)
 
 
-@pytest.mark.parametrize("family", ["deepvit", "resnet"])
+@pytest.mark.parametrize("family", ["deepvit", "resnet", "hybrid49"])
 def test_parquet_equals_converted_hdf5(world, family):
     d, raw, h5, ckpt = world
-    if family == "resnet":
-        ckpt = resnet_checkpoint(world)
-        d = d / "resnet-out"
+    if family != "deepvit":
+        ckpt = family_checkpoint(world, family)
+        d = d / f"{family}-out"
         d.mkdir(exist_ok=True)
     # odd batch and chunk sizes so that batches straddle chunks and files
     from_pq = predict(PredictConfig(checkpoint=ckpt, inputs=raw, out=str(d / "pq.csv"), batch_size=5,
