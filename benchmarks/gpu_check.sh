@@ -14,6 +14,8 @@
 #   4 train     massreg.train --model seed --amp --compile on CUDA, 3 epochs, DataLoader workers
 #   5 evaluate  massreg.evaluate --amp of the best checkpoint on the test split
 #   6 model     benchmarks/bench_model.py --device cuda: ours against vit-pytorch, fp32, bf16, bf16 + compile
+#   7 families  the GPU-size hybrid DeepViT and ResNet (bf16, batch 256), and a short training of each on the
+#               step-3 data, evaluated on test: the issue-9 study at GPU scale (not yet run on a GPU)
 # Not here: DDP over NCCL, which needs two GPUs (torchrun with one process does not start DDP at all).
 set -u
 LOG=${1:-data/gpu_check}
@@ -70,6 +72,15 @@ step model_bf16 150 "$PY" benchmarks/bench_model.py --device cuda --presets seed
     --out "$LOG/model_bf16.json"
 step model_bf16_compile 240 "$PY" benchmarks/bench_model.py --device cuda --presets seed --steps 30 --bf16 \
     --compile --out "$LOG/model_bf16_compile.json"
+
+step model_families 150 "$PY" benchmarks/bench_model.py --device cuda --presets hybrid-seed,resnet-wide,seed \
+    --steps 30 --bf16 --batch-size 256 --out "$LOG/model_families.json"
+for m in hybrid-seed resnet-wide; do
+    step "train_$m" 300 "$PY" -m massreg.train "$DATA/top.h5" --model "$m" --epochs 10 --device cuda --amp \
+        --batch-size 256 --workers 4 --run-dir "$DATA/run_$m" --force
+    step "evaluate_$m" 120 "$PY" -m massreg.evaluate "$DATA/run_$m/best_val_loss.pt" "$DATA/top.h5" \
+        --split test --device cuda --amp --out "$DATA/eval_$m"
+done
 
 echo "gpu_check: first failing exit status $status (0: all passed); logs in $LOG"
 exit $status
