@@ -1,0 +1,121 @@
+"""Stop signals from batch systems, turned into the clean path Ctrl-C already takes.
+
+Slurm sends SIGTERM at a time limit or on preemption (then SIGKILL after a grace period), HTCondor on eviction,
+and a closed terminal sends SIGHUP. Python's default for both is to die at once, skipping every `finally`, so
+temporary files stay behind. Ctrl-C instead raises KeyboardInterrupt, which our writers already clean up after.
+
+Two ways to take a signal:
+- `raise_on_signals()`: the signal raises `Terminated` (a KeyboardInterrupt) in the main thread, so every
+  `finally` and `except KeyboardInterrupt` that handles Ctrl-C handles SIGTERM the same way. For commands whose
+  work is worthless if cut short (convert, synth, evaluate, predict, export).
+- `StopFlag`: the signal only sets a flag that a loop polls, so a training step can finish and a checkpoint
+  be written at that step. A second signal raises `Terminated`: a user who insists is not kept waiting.
+
+`exit_on_interrupt(what)` is the one-line message and the exit status for a command's `main`.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+import click
+
+#: What batch systems and terminals send to stop a job; SIGINT (Ctrl-C) already raises KeyboardInterrupt.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Terminated(KeyboardInterrupt):
+    """A stop signal other than Ctrl-C, raised where KeyboardInterrupt would be."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+def signal_name(exc: BaseException) -> str:
+    return signal.Signals(exc.signum).name if isinstance(exc, Terminated) else "SIGINT (Ctrl-C)"
+
+
+def exit_status(exc: BaseException) -> int:
+    """The shell's convention: 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM)."""
+    return 128 + (exc.signum if isinstance(exc, Terminated) else signal.SIGINT)
+
+
+def _raise(signum, _frame):
+    raise Terminated(signum)
+
+
+@contextmanager
+def _handlers(handler, signals) -> Iterator[None]:
+    # Handlers can only be set from the main thread; elsewhere (a test runner's thread, a library caller's
+    # worker) the process keeps whatever it has.
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def raise_on_signals(signals=STOP_SIGNALS) -> Iterator[None]:
+    """Within the block, `signals` raise `Terminated` in the main thread, as SIGINT raises KeyboardInterrupt."""
+    with _handlers(_raise, signals):
+        yield
+
+
+class StopFlag:
+    """Set by the first stop signal; the second raises `Terminated`. Use as a context manager."""
+
+    def __init__(self, signals=(*STOP_SIGNALS, signal.SIGUSR1)):
+        self.signals = tuple(signals)
+        self.signum: int | None = None
+        self._ctx = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def request(self, signum: int = signal.SIGTERM) -> None:
+        """What a signal does; also callable directly (tests, a time budget, another rank asking)."""
+        self.signum = int(signum)
+
+    def _on_signal(self, signum, _frame):
+        if self.requested:
+            raise Terminated(signum)
+        self.request(signum)
+
+    def __enter__(self) -> "StopFlag":
+        self._ctx = _handlers(self._on_signal, self.signals)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ctx.__exit__(*exc)
+
+
+def ignore_stop_signals() -> None:
+    """For worker processes: Slurm signals the whole process group, but only the parent should react (it
+    stops the workers and cleans up); a worker that also raised would print a traceback of its own."""
+    for s in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(s, signal.SIG_IGN)
+
+
+@contextmanager
+def exit_on_interrupt(what: str, outcome: str = "no output was written") -> Iterator[None]:
+    """Around a command's work: Ctrl-C, SIGTERM and SIGHUP end it with one line on stderr and 128 + signum.
+
+    `what` names the work, e.g. "conversion of data/top.h5"; `outcome` says what is left, which the writers
+    inside must make true (temporary file, then rename)."""
+    with raise_on_signals():
+        try:
+            yield
+        except KeyboardInterrupt as exc:
+            click.echo(f"Error: {what} interrupted by {signal_name(exc)}; {outcome}.", err=True)
+            sys.exit(exit_status(exc))
