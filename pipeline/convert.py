@@ -42,10 +42,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import signal
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,12 +60,16 @@ from tqdm import tqdm
 
 from pipeline import __version__, layout
 from pipeline.cuts import CUT_PRESETS, CUT_SYNTAX, Cut, _resolve_cuts, _scan, _Scan, parse_cut
-from pipeline.parallel import _results, _shard_ranges, _start_pool, parse_shard
-from pipeline.parquet import (PIXELS, ConvertError, _cached_parquet, _Chunk, _file_chunks, _inspect, _Source,
-                              parse_channels, resolve_inputs)
+from pipeline.parallel import _results, _shard_ranges, _start_pool, _stop_pool, parse_shard
+from pipeline.parquet import (PIXELS, ConvertError, _cached_parquet, _Chunk, _file_chunks, _inspect,
+                              _one_line, _Source, parse_channels, resolve_inputs)
+from pipeline.signals import STOP_SIGNALS, StopFlag, exit_on_interrupt
 
 EXECUTION_ONLY = ("threads", "workers", "force", "progress")   # config fields that cannot change the output
 PARALLEL_SCAN_BYTES = 1 << 30   # inputs above this size (and of 2+ files) are scanned in the worker pool
+# Free space asked for beyond the data: HDF5's object headers and the root attributes take well under a MB;
+# the 1 % also covers a file system's own metadata for the new blocks.
+SPACE_MARGIN_FRACTION, SPACE_MARGIN_BYTES = 0.01, 4 << 20
 
 # Workers are forked from a forkserver that preloads this module (`_start_pool`); under `python -m
 # pipeline.convert` each then re-runs the parent's main module as __mp_main__ and runpy warns that the module
@@ -257,8 +263,10 @@ def _plan(config: ConvertConfig, shard: tuple[int, int] | None, bar_off: bool | 
 def convert(config: ConvertConfig) -> ConvertSummary:
     """Convert `config.inputs` into `config.output` (see the module docstring); return a summary.
 
-    Raises ConvertError for bad options or input; nothing is written then (nor on any other exception or
-    interruption): the file is built under a temporary name beside the output and renamed at the end."""
+    Raises ConvertError for bad options or input, for too little free space on the output's file system
+    (checked after pass 1, before the file is created) and for a failed write (ENOSPC, EIO, a vanished
+    directory); nothing is written then (nor on any other exception or interruption): the file is built under
+    a temporary name beside the output and renamed at the end. The workers are stopped on every way out."""
     t0 = time.perf_counter()
     channels, shard, output = _validate(config)
     created = _created()
@@ -267,38 +275,111 @@ def convert(config: ConvertConfig) -> ConvertSummary:
     pool = _start_pool(workers, ["pipeline.convert"]) if workers > 1 else None
     try:
         plan = _plan(config, shard, bar_off, pool)
-        output.parent.mkdir(parents=True, exist_ok=True)
+        size = _output_bytes(plan, channels)
+        _check_space(output, size)
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConvertError(f"{output.parent}: cannot create the output's directory "
+                               f"({exc.strerror})") from None
         tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+        written = _Tally()
         try:
             with h5py.File(tmp, "w", libver=("v108", "v108")) as h5:
-                _write_labels(h5, plan, channels)
-                stats, clipped = _write_images(h5["images"], plan, config, channels, pool, bar_off)   # pass 2
+                _write_labels(h5, plan, channels, written)
+                stats, clipped = _write_images(h5["images"], plan, config, channels, pool, bar_off,
+                                               written)   # pass 2
                 group = h5.create_group("stats")
                 for key, value in stats.items():
                     group.create_dataset(key, data=value)
                 _write_attrs(h5, plan, config, channels, shard, created, clipped)
-            os.replace(tmp, output)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
+            _stop_pool(pool)          # before the rename: once OUT exists, nothing may fail or be interrupted
+            file_bytes = tmp.stat().st_size
+            # OUT is whole from the rename on, so a stop signal then is too late to lose anything: it is held
+            # until the summary is made and then dropped, and the run ends as it would have.
+            with StopFlag((signal.SIGINT, *STOP_SIGNALS)):
+                os.replace(tmp, output)
+                return ConvertSummary(
+                    output=str(output), files=len(plan.sources), rows_read=plan.rows_read, rows_kept=plan.n,
+                    rejected=plan.rejected, skipped_cuts=[cut.text for cut in plan.skipped],
+                    split_sizes={s: int((plan.codes == i).sum()) for i, s in enumerate(layout.SPLITS)},
+                    channels=[layout.CHANNEL_NAMES[c] for c in channels], columns_used=plan.columns_used,
+                    clipped=clipped, bytes=file_bytes, seconds=time.perf_counter() - t0,
+                    shard=None if shard is None else f"{shard[0]}/{shard[1]}", workers=workers)
+        except BaseException as exc:
+            with suppress(OSError):       # an EIO can refuse the unlink too; then the message says so
+                tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise ConvertError(_write_failure(output, tmp, written.bytes, size, exc)) from None
             raise
+    except BaseException:
+        _stop_pool(pool, kill=True)
+        raise
     finally:
         _cached_parquet.cache_clear()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    return ConvertSummary(
-        output=str(output), files=len(plan.sources), rows_read=plan.rows_read, rows_kept=plan.n,
-        rejected=plan.rejected, skipped_cuts=[cut.text for cut in plan.skipped],
-        split_sizes={s: int((plan.codes == i).sum()) for i, s in enumerate(layout.SPLITS)},
-        channels=[layout.CHANNEL_NAMES[c] for c in channels], columns_used=plan.columns_used, clipped=clipped,
-        bytes=output.stat().st_size, seconds=time.perf_counter() - t0,
-        shard=None if shard is None else f"{shard[0]}/{shard[1]}", workers=workers)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Disk space and write errors
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Tally:
+    """Bytes handed to HDF5 so far, for the message of a failed write."""
+    bytes: int = 0
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
+
+
+def _output_bytes(plan: _Plan, channels: tuple[int, ...]) -> int:
+    """The output's data, known after pass 1: the float16 images and the per-row labels (`_label_bytes`);
+    the statistics and attributes are a few kB."""
+    return plan.n * (len(channels) * layout.IMAGE_SIZE * layout.IMAGE_SIZE * 2 + _label_bytes(plan))
+
+
+def _label_bytes(plan: _Plan) -> int:
+    """Per row: the labels (float64), /labels/source_file (int32) and source_row (int64), a split index."""
+    return 8 * len(plan.labels) + 4 + 8 + 8
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def _check_space(output: Path, size: int) -> None:
+    """Refuse before the file is created (and before the hours of pass 2) when `size` bytes of data and the
+    margin cannot fit. With --force the old OUT stays until the new one is whole, so its space is not free."""
+    needed = int(size * (1 + SPACE_MARGIN_FRACTION)) + SPACE_MARGIN_BYTES
+    probe = output.parent.resolve()
+    while not probe.exists():          # the directory is made later, and only if the file fits
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise ConvertError(f"{output} needs {_size(needed)} on {_mount_point(probe)} (the output's file "
+                           f"system), {_size(free)} free; free space or choose another OUTPUT")
+
+
+def _write_failure(output: Path, tmp: Path, written: int, size: int, exc: OSError) -> str:
+    """One line for a failed write. h5py raises a second OSError when it closes the file after a failed
+    write, and HDF5's text is a paragraph of buffer addresses, so the cause is the first error's errno."""
+    first = exc
+    while isinstance(first.__context__, OSError):
+        first = first.__context__
+    cause = f"[Errno {first.errno}] {os.strerror(first.errno)}" if first.errno else _one_line(first)
+    left = f"remove the partial file {tmp} by hand" if tmp.exists() else "the partial file was removed"
+    return f"{output}: write failed after {_size(written)} of {_size(size)} ({cause}); {left}, no output"
 
 
 def _strings(values) -> np.ndarray:
     return np.array(list(values), dtype=h5py.string_dtype())
 
 
-def _write_labels(h5: h5py.File, plan: _Plan, channels: tuple[int, ...]) -> None:
+def _write_labels(h5: h5py.File, plan: _Plan, channels: tuple[int, ...], written: _Tally) -> None:
     """Allocate /images and write /labels and /split (all known after pass 1)."""
     # contiguous, no filters, allocated now and never filled: memory-mappable, then written once, in order
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
@@ -319,10 +400,12 @@ def _write_labels(h5: h5py.File, plan: _Plan, channels: tuple[int, ...]) -> None
     group = h5.create_group("split")
     for code, split in enumerate(layout.SPLITS):
         group.create_dataset(split, data=np.flatnonzero(plan.codes == code).astype(np.int64))
+    written.bytes += plan.n * _label_bytes(plan)
 
 
 def _write_images(images: h5py.Dataset, plan: _Plan, config: ConvertConfig, channels: tuple[int, ...],
-                  pool: ProcessPoolExecutor | None, bar_off: bool | None) -> tuple[dict, int]:
+                  pool: ProcessPoolExecutor | None, bar_off: bool | None, written: _Tally
+                  ) -> tuple[dict, int]:
     """Pass 2: decode every chunk (here or in the pool), write it in order, sum the statistics.
     Returns (/stats, clipped count)."""
     c = len(channels)
@@ -335,7 +418,9 @@ def _write_images(images: h5py.Dataset, plan: _Plan, config: ConvertConfig, chan
         for result in results:
             if len(buffer) < result.n:
                 buffer = np.zeros((result.n, c, PIXELS), np.float16)
-            _write_rows(images, offset, result.dense(buffer))
+            block = result.dense(buffer)
+            _write_rows(images, offset, block)
+            written.bytes += block.nbytes
             result.clear(buffer)
             offset += result.n
             clipped += result.clipped
@@ -466,11 +551,13 @@ def main(inputs, output, channels, cuts, extra_cuts, chunk_size, val_fraction, t
                            extra_cuts=tuple(extra_cuts), chunk_size=chunk_size, val_fraction=val_fraction,
                            test_fraction=test_fraction, seed=seed, clip=clip, force=force, threads=threads,
                            workers=workers, shard=shard)
-    try:
-        config.channels = parse_channels(channels)
-        summary = convert(config)
-    except ConvertError as exc:
-        raise click.ClickException(str(exc)) from None
+    # SIGTERM (Slurm's time limit, preemption) and SIGHUP end the run as Ctrl-C does: one line, 128 + signum
+    with exit_on_interrupt(f"conversion to {output}", "nothing was written and no temporary file is left"):
+        try:
+            config.channels = parse_channels(channels)
+            summary = convert(config)
+        except ConvertError as exc:
+            raise click.ClickException(str(exc)) from None
     click.echo(summary.describe())
 
 

@@ -5,16 +5,17 @@ footer; `_start_pool` / `_results` send chunks (TASK_CHUNKS per task) to worker 
 results back in order; `parse_shard` / `_shard_ranges` cut the inputs' chunks into N parts.
 `read_parquet_chunks` is the public reader (`massreg.predict` uses it): the converter's decoding and checks,
 without writing. It sits above `pipeline.parquet`, the only converter file it imports, and below
-`pipeline.convert`.
+`pipeline.convert`. (It also imports `pipeline.signals`, which its workers use to ignore stop signals.)
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
 import re
+import signal
 import threading
 from collections import deque
-from contextlib import closing
+from contextlib import closing, contextmanager
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 
 from pipeline.parquet import (ConvertError, _cached_parquet, _Chunk, _decode, _file_chunks, _inspect,
                               _one_line, _read_chunk, _Result, _Source, parse_channels)
+from pipeline.signals import STOP_SIGNALS, ignore_stop_signals
 
 TASK_CHUNKS = 4                 # chunks per task sent to a worker process
 
@@ -76,16 +78,56 @@ def _start_pool(workers: int, preload: Sequence[str]) -> ProcessPoolExecutor:
     """`workers` processes, started now (a no-op task each) so that they boot while the parent runs passes 0
     and 1. Never fork the parent: it will hold an open HDF5 file, which a child must not inherit. forkserver
     (POSIX) forks the workers from a clean server that imported the modules `preload` once (the caller's, so
-    ~0.4 s of imports, instead of once per worker with spawn); spawn elsewhere."""
+    ~0.4 s of imports, instead of once per worker with spawn); spawn elsewhere.
+
+    Only the parent reacts to Ctrl-C, SIGTERM and SIGHUP, which a terminal and Slurm send to the whole process
+    group: it removes its temporary file and stops the workers (`_stop_pool`). The processes started here (the
+    workers, and the forkserver and multiprocessing's resource tracker when they start with the pool) are
+    started with those signals blocked, a mask they inherit and keep: a worker would print a traceback of its
+    own, and a forkserver or tracker killed by the signal leaves its children unreaped and the parent warning
+    about leaked semaphores. The parent's own signal stays pending meanwhile, not lost."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(list(preload))
     else:
         context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context)
-    for _ in range(workers):
-        pool.submit(_worker_ready)
-    return pool
+    pool = None
+    try:
+        with _blocked((signal.SIGINT, *STOP_SIGNALS)):
+            pool = ProcessPoolExecutor(workers, mp_context=context, initializer=ignore_stop_signals)
+            for _ in range(workers):
+                pool.submit(_worker_ready)
+        return pool
+    except BaseException:        # a signal delivered as the mask is lifted: the caller never gets the pool
+        _stop_pool(pool, kill=True)
+        raise
+
+
+@contextmanager
+def _blocked(signals) -> Iterator[None]:
+    """Block `signals` in this thread and in the threads and processes it starts meanwhile (both inherit the
+    mask); one that arrives is delivered when the block ends. A no-op where POSIX masks do not exist."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _stop_pool(pool: ProcessPoolExecutor | None, *, kill: bool = False) -> None:
+    """Stop the workers and wait for them, so that none outlives the parent. After an error or an interruption
+    (`kill`) they are killed first: a running task would otherwise finish its chunks, and the workers ignore
+    SIGTERM (see `_start_pool`). They hold no file or lock worth saving. Idempotent."""
+    if pool is None:
+        return
+    if kill:
+        # Python 3.14 has pool.kill_workers(); before it, the executor's own table of its processes
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _ThreadReaders:
