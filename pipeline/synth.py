@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from click.core import ParameterSource
 from tqdm import tqdm
 
+from pipeline.signals import exit_on_interrupt
 from pipeline.synth_physics import PROCESSES, SynthError, simulate
 # re-exported: the public names of the physics and the report, importable from pipeline.synth as before
 from pipeline.synth_physics import (eta_phi, four_vector, pileup, render, secondaries,  # noqa: F401
@@ -156,6 +157,12 @@ def generate(out_dir, config: SynthConfig, force: bool = False, *, progress: boo
 
     Refuses (SynthError) an out_dir that already holds `{process}_synth_NNN.parquet` files unless force=True,
     in which case those not rewritten now are removed too, so that the directory holds one data set.
+
+    Each file is written under a temporary name and renamed when whole, and synth_config.json last. On a
+    write error (SynthError, one line) or an interruption, the files finished before it stay, the one in
+    progress is discarded and synth_config.json is not written; with force=True the old files not yet
+    replaced and the old synth_config.json are removed then too, once one new file is in place, so that no mix
+    of two data sets remains.
     """
     config.validate()
     out = Path(out_dir)
@@ -165,18 +172,30 @@ def generate(out_dir, config: SynthConfig, force: bool = False, *, progress: boo
     if existing and not force:
         raise SynthError(f"{out} already holds {len(existing)} {config.process}_synth_*.parquet file(s): "
                          f"use --force (force=True) to replace them or choose another directory")
+    paths = [out / file_name(config.process, i) for i in range(config.files)]
+    done: list[Path] = []
+    target = out
     try:
         out.mkdir(parents=True, exist_ok=True)
-        paths = [out / file_name(config.process, i) for i in range(config.files)]
         with tqdm(total=config.rows * config.files, unit="row", desc=f"synth {config.process}",
                   disable=None if progress else True) as bar:
-            for i_file, path in enumerate(paths):
-                write_file(path, config, i_file, bar)
+            for i_file, target in enumerate(paths):
+                write_file(target, config, i_file, bar)
+                done.append(target)
         for stale in set(existing) - set(paths):
             stale.unlink(missing_ok=True)
-        _atomic_write_text(out / "synth_config.json", json.dumps(asdict(config), indent=2) + "\n")
-    except OSError as exc:
-        raise SynthError(f"cannot write to {out}: {exc.strerror or exc}") from exc
+        target = out / "synth_config.json"
+        _atomic_write_text(target, json.dumps(asdict(config), indent=2) + "\n")
+    except BaseException as exc:
+        if force and done:
+            for old in [*set(existing) - set(done), out / "synth_config.json"]:
+                old.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            cause = (f"[Errno {exc.errno}] {os.strerror(exc.errno)}" if exc.errno    # not pyarrow's paragraph
+                     else " ".join(str(exc).split()))
+            raise SynthError(f"cannot write {target}: {cause}; {len(done)} of {config.files} file(s) were "
+                             f"finished before it, synth_config.json was not written") from None
+        raise
     return paths
 
 
@@ -239,10 +258,14 @@ def main(out_dir, process, rows, files, rows_per_group, seed, chunk_rows, dtype,
     config = SynthConfig(process=process, rows=rows, files=files, rows_per_group=rows_per_group, seed=seed,
                          chunk_rows=chunk_rows, dtype=dtype, legacy_names=legacy_names)
     start = time.perf_counter()
-    try:
-        paths = generate(out_dir, config, force=force, progress=True)
-    except SynthError as exc:
-        raise click.ClickException(str(exc)) from exc
+    # SIGTERM (Slurm's time limit, preemption) and SIGHUP end the run as Ctrl-C does: one line, 128 + signum
+    with exit_on_interrupt(f"generation of {files} {process} file(s) in {out_dir}",
+                           "the files finished before it are whole, the one in progress was discarded, "
+                           "synth_config.json was not written"):
+        try:
+            paths = generate(out_dir, config, force=force, progress=True)
+        except SynthError as exc:
+            raise click.ClickException(str(exc)) from None
     seconds = time.perf_counter() - start
     size = sum(p.stat().st_size for p in paths)
     total = rows * files
