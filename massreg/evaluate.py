@@ -94,10 +94,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_channels(ckpt_channels, data_channels, where) -> None:
+def check_channels(ckpt_channels, data_channels, where, *, model: str = "checkpoint") -> None:
     """The model only makes sense on the channels it was trained on, in the same order."""
     if list(ckpt_channels) != list(data_channels):
-        raise EvaluateError(f"checkpoint was trained on channels {','.join(ckpt_channels)} but {where} holds "
+        raise EvaluateError(f"{model} was trained on channels {','.join(ckpt_channels)} but {where} holds "
                             f"{','.join(data_channels)}; convert with the checkpoint's channels "
                             "or use a checkpoint trained on these")
 

@@ -117,6 +117,12 @@ class HeadNorm(nn.LayerNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            # An exporter (massreg.export) records ops, and an autograd.Function is opaque to some: the same
+            # forward from elementary ops (ReduceMean, Sub, Sqrt, ... in ONNX).
+            xc = x - x.mean(dim=1, keepdim=True)                               # (B, h, Nq, N)
+            xhat = xc / torch.sqrt(xc.pow(2).mean(dim=1, keepdim=True) + self.eps)
+            return xhat * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
         return HeadNormFunction.apply(x, self.weight, self.bias, self.eps)
 
 
@@ -147,10 +153,11 @@ class Attention(nn.Module):
             # Keys and values of all tokens, the query of token 0 only: Linears on row slices of the weight.
             w = self.to_qkv.weight                                                     # (3 h d, dim)
             q = F.linear(x[:, :1], w[: self.inner_dim]).view(b, 1, h, d).transpose(1, 2)   # (B, h, 1, d)
-            k, v = F.linear(x, w[self.inner_dim:]).view(b, n, 2, h, d).permute(2, 0, 3, 1, 4).contiguous()
+            k, v = F.linear(x, w[self.inner_dim:]).view(b, n, 2, h, d).permute(2, 0, 3, 1, 4).contiguous() \
+                .unbind(0)
         else:
             # One copy turns (B, N, 3, h, d) into three contiguous (B, h, N, d) blocks for the matmuls.
-            q, k, v = self.to_qkv(x).view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).contiguous()
+            q, k, v = self.to_qkv(x).view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
 
         dots = torch.matmul(q, k.transpose(-1, -2)) * self.scale          # (B, h, Nq, N)
         attn = self.dropout(dots.softmax(dim=-1))
@@ -287,7 +294,12 @@ def init_conv_bn(model: nn.Module) -> None:
 
 
 def check_inputs(model: nn.Module, img: torch.Tensor, aux: torch.Tensor | None) -> None:
-    """The input contract every family shares; ValueError naming what was expected and what came."""
+    """The input contract every family shares; ValueError naming what was expected and what came.
+
+    Skipped while an exporter traces: there the batch size is symbolic, and the exported graph's input shapes
+    (massreg.export) carry the same contract."""
+    if torch.jit.is_tracing():
+        return
     name = type(model).__name__
     expected = (model.channels, model.image_size, model.image_size)
     if img.dim() != 4 or tuple(img.shape[1:]) != expected:

@@ -1,16 +1,18 @@
-"""Predict the mass of every row of raw Parquet files or converted HDF5 files with a trained checkpoint.
+"""Predict the mass of every row of raw Parquet files or converted HDF5 files with a trained checkpoint,
+or with an exported ONNX file run by ONNX Runtime (no torch model is built).
 
 Usage: python -m massreg.predict CHECKPOINT INPUT... --out FILE.csv|FILE.parquet [--split test] [--cuts top]
+       python -m massreg.predict --onnx MODEL.onnx INPUT... --out FILE.csv     (a file of massreg.export)
 
 INPUT is a Parquet file in the raw schema (or a directory of *.parquet), decoded in memory chunk by chunk by
 `pipeline.parallel.read_parquet_chunks` (the converter's own decoding, float16 rounding and checks) with the
-checkpoint's channels; no cuts unless --cuts / --cut are given. Or INPUT is one of our HDF5 files: every row,
+model's channels; no cuts unless --cuts / --cut are given. Or INPUT is one of our HDF5 files: every row,
 or the rows of --split. The kind of each input is read from its first bytes, not its name.
 
 The output (CSV or Parquet, by the suffix of --out; written atomically, an existing file only with --force)
 has one row per prediction: source (the input as given), row (the row number in that input: the Parquet row,
 or the HDF5 row of /images), m_pred (GeV) and m_true (GeV, the file's mass where it has one, else empty).
-The PredictConfig and checkpoint details go beside it in FILE.<suffix>.json (and, for Parquet, in its
+The PredictConfig and model details go beside it in FILE.<suffix>.json (and, for Parquet, in its
 schema metadata).
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import click
 import numpy as np
@@ -44,7 +46,8 @@ class PredictError(Exception):
 @dataclass
 class PredictConfig:
     """Everything one prediction run depends on; saved beside the output."""
-    checkpoint: str
+    checkpoint: str | None = None       # a massreg.train checkpoint, or
+    onnx: str | None = None             # a massreg.export ONNX file, run by ONNX Runtime
     inputs: list[str] = field(default_factory=list)
     out: str = "predictions.csv"
     split: str | None = None            # HDF5 inputs: None = every row, or train | val | test
@@ -60,6 +63,8 @@ class PredictConfig:
 
     def validate(self) -> None:
         """Checks that need no file reading, so that a bad option fails before any work."""
+        if (self.checkpoint is None) == (self.onnx is None):
+            raise PredictError("give a CHECKPOINT or --onnx MODEL.onnx (exactly one)")
         if not self.inputs:
             raise PredictError("give at least one INPUT (Parquet file, directory of *.parquet, or HDF5 file)")
         if Path(self.out).suffix.lower() not in OUT_SUFFIXES:
@@ -190,7 +195,7 @@ def parquet_batches(path: str, *, channels, aux_names, batch_size: int, chunk_si
         m = scalars["m"].astype(np.float64) if "m" in scalars else np.full(n, np.nan)
         missing = [a for a in aux_names if a not in scalars]
         if missing:
-            raise PredictError(f"{path}: the checkpoint's model takes {', '.join(aux_names)} "
+            raise PredictError(f"{path}: the model takes {', '.join(aux_names)} "
                                f"but the file has no "
                                f"{', '.join(missing)} (scalar columns: {', '.join(scalars)})")
         aux = (np.stack([scalars[a] for a in aux_names], axis=1).astype(np.float32) if aux_names
@@ -217,14 +222,52 @@ def counted(loader, bar) -> Iterator[dict]:
 
 # ------------------------------------------------------------------------------------------------ run
 
-def predict_file(path: str, kind: str, restored, config: PredictConfig, device, *,
-                 progress: bool) -> pd.DataFrame:
-    """Predictions for one input as a DataFrame with COLUMNS."""
+@dataclass
+class Predictor:
+    """What predict_file needs of a model, whichever runs it (PyTorch or ONNX Runtime)."""
+    name: str                                  # "checkpoint" or "ONNX file", for messages
+    channels: list[str]                        # the image channels it takes, in order
+    aux_names: tuple[str, ...]                 # the raw scalar columns it takes, in order
+    run: Callable[[Iterable[dict]], dict]      # loader batches -> dict(pred (N,) GeV, true, index)
+    meta: dict                                 # what goes into FILE.json about the model
+
+
+def torch_predictor(config: PredictConfig) -> Predictor:
+    """The checkpoint's model on config.device, through massreg.engine (as evaluate)."""
     from massreg import engine
 
-    aux_names = tuple(restored.aux_scaler.names) if restored.aux_scaler is not None else ()
-    run = dict(normalizer=restored.normalizer, target=restored.target, aux_scaler=restored.aux_scaler,
-               device=device, amp=config.amp)
+    device = resolve_device(config.device)
+    ckpt, r = load_model(config.checkpoint, device)
+    aux_names = tuple(r.aux_scaler.names) if r.aux_scaler is not None else ()
+
+    def run(batches):
+        return engine.predict(r.model, batches, normalizer=r.normalizer, target=r.target,
+                              aux_scaler=r.aux_scaler, device=device, amp=config.amp)
+
+    meta = {"checkpoint": {"path": config.checkpoint, "epoch": ckpt.get("epoch"),
+                           "model_config": ckpt.get("model_config"), "channels": list(r.channels)},
+            "onnx": None, "device": str(device)}
+    return Predictor("checkpoint", list(r.channels), aux_names, run, meta)
+
+
+def onnx_predictor(config: PredictConfig) -> Predictor:
+    """The exported graph in ONNX Runtime on the CPU; its channels and aux from the file's own metadata."""
+    from massreg.export import ExportError, OnnxRegressor
+
+    try:
+        model = OnnxRegressor(config.onnx)
+    except ExportError as exc:
+        raise PredictError(str(exc)) from None
+    meta = {"checkpoint": None, "device": "onnxruntime CPU",
+            "onnx": {"path": config.onnx, "from_checkpoint": model.meta.get("checkpoint"),
+                     "versions": model.meta.get("versions"), "channels": model.channels}}
+    return Predictor(f"ONNX file {config.onnx}", model.channels, tuple(model.aux_names), model.predict, meta)
+
+
+def predict_file(path: str, kind: str, model: Predictor, config: PredictConfig, *,
+                 progress: bool) -> pd.DataFrame:
+    """Predictions for one input as a DataFrame with COLUMNS."""
+    aux_names = model.aux_names
     if kind == "hdf5":
         from massreg.data import H5Images, make_loader
         if config.cuts is not None or config.extra_cuts:
@@ -232,10 +275,10 @@ def predict_file(path: str, kind: str, restored, config: PredictConfig, device, 
                                "(an HDF5 file was cut when "
                                "converted); predict HDF5 files in a separate call")
         ds = H5Images(path, config.split, aux=aux_names)
-        check_channels(restored.channels, ds.channels, path)
+        check_channels(model.channels, ds.channels, path, model=model.name)
         loader = make_loader(ds, batch_size=config.batch_size, shuffle=False, seed=0, workers=config.workers)
         with tqdm(total=len(ds), desc=Path(path).name, unit="row", disable=not progress) as bar:
-            out = engine.predict(restored.model, counted(loader, bar), **run)
+            out = model.run(counted(loader, bar))
         _, row = ds.locate(out["index"])                    # (N,) row of /images in this file
         m_true = ds.label("m")[out["index"]].astype(np.float64)  # float64, not the loader's float32
     else:
@@ -243,7 +286,7 @@ def predict_file(path: str, kind: str, restored, config: PredictConfig, device, 
             raise PredictError(f"{path}: --split applies to HDF5 inputs only (a Parquet file has no split); "
                                "predict Parquet files in a separate call")
         from pipeline.parquet import parse_channels
-        channels = parse_channels(list(restored.channels))  # the checkpoint's channels, by name
+        channels = parse_channels(list(model.channels))  # the model's channels, by name
         cuts, skipped = parquet_cuts(config, path)
         if skipped and progress:
             tqdm.write(f"{path}: cut(s) {', '.join(skipped)} skipped: the file lacks their column",
@@ -252,9 +295,9 @@ def predict_file(path: str, kind: str, restored, config: PredictConfig, device, 
         record = {"row": [], "m": []}
         total = None if rows is None else int(rows.size)
         with tqdm(total=total, desc=Path(path).name, unit="row", disable=not progress) as bar:
-            out = engine.predict(restored.model, parquet_batches(
+            out = model.run(parquet_batches(
                 path, channels=channels, aux_names=aux_names, batch_size=config.batch_size,
-                chunk_size=config.chunk_size, clip=config.clip, rows=rows, record=record, bar=bar), **run)
+                chunk_size=config.chunk_size, clip=config.clip, rows=rows, record=record, bar=bar))
         all_rows = np.concatenate(record["row"]) if record["row"] else np.zeros(0, np.int64)
         all_m = np.concatenate(record["m"]) if record["m"] else np.zeros(0)
         row, m_true = all_rows[out["index"]], all_m[out["index"]]
@@ -263,7 +306,7 @@ def predict_file(path: str, kind: str, restored, config: PredictConfig, device, 
     if bad.any():
         raise PredictError(f"{path}: {int(bad.sum())} of {pred.size} predictions are NaN or infinite "
                            f"(first at row {int(row[np.argmax(bad)])}): "
-                           "the checkpoint or the input is broken")
+                           f"the {model.name} or the input is broken")
     return pd.DataFrame({"source": pd.Series([path] * pred.size, dtype="string"),
                          "row": row.astype(np.int64), "m_pred": pred.astype(np.float64),
                          "m_true": m_true.astype(np.float64)})
@@ -287,31 +330,37 @@ def predict(config: PredictConfig, *, progress: bool = False) -> pd.DataFrame:
     """Predict every input, write config.out (+ its .json beside it), and return the table."""
     config.validate()
     inputs = expand_inputs(config.inputs)
-    device = resolve_device(config.device)
-    ckpt, restored = load_model(config.checkpoint, device)
-    frames = [predict_file(path, kind, restored, config, device, progress=progress) for path, kind in inputs]
+    model = onnx_predictor(config) if config.onnx is not None else torch_predictor(config)
+    frames = [predict_file(path, kind, model, config, progress=progress) for path, kind in inputs]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COLUMNS))
     if not df["m_true"].notna().any():
         # no input had a mass: leave the column out rather than fill it with NaN
         df = df.drop(columns="m_true")
     out = Path(config.out)
-    meta = {"config": asdict(config), "checkpoint": {"path": config.checkpoint, "epoch": ckpt.get("epoch"),
-                                                     "model_config": ckpt.get("model_config"),
-                                                     "channels": list(restored.channels)},
+    meta = {"config": asdict(config), **model.meta,
             "inputs": [{"path": p, "kind": k, "rows": int((df["source"] == p).sum())} for p, k in inputs],
-            "columns": list(df.columns), "device": str(device)}
+            "columns": list(df.columns)}
     if out.exists() and not config.force:  # checked again: it may have appeared while we worked
         raise PredictError(f"--out {out} exists; pass --force to replace it")
-    atomic_write_text(out.with_name(out.name + ".json"), json.dumps(meta, indent=2) + "\n")
-    _write_table(df, out, meta)
+    side = out.with_name(out.name + ".json")
+    try:
+        atomic_write_text(side, json.dumps(meta, indent=2, default=str) + "\n")
+        _write_table(df, out, meta)
+    except OSError as exc:  # a full disk, a vanished folder: one line, and no half file (atomic writes)
+        if not out.exists():
+            side.unlink(missing_ok=True)
+        raise PredictError(f"--out {out}: writing failed ({exc.strerror or exc}); "
+                           "no predictions file was written") from None
     return df
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.argument("args", nargs=-1, required=True, metavar="[CHECKPOINT] INPUT...")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
               help="Output file: .csv or .parquet.")
+@click.option("--onnx", default=None, type=click.Path(dir_okay=False), metavar="MODEL.onnx",
+              help="Run this exported model (massreg.export) in ONNX Runtime instead of a CHECKPOINT in PyTorch; "
+                   "every argument is then an INPUT.")
 @click.option("--split", default=None, type=click.Choice(list(SPLITS)),
               help="HDF5 inputs: only the rows of this split [default: every row].")
 @click.option("--cuts", default=None, type=click.Choice(["paper", "top", "none"]),
@@ -328,19 +377,30 @@ def predict(config: PredictConfig, *, progress: bool = False) -> pd.DataFrame:
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="DataLoader workers (HDF5 inputs).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def main(checkpoint, inputs, out, split, cuts, extra_cuts, clip, chunk_size, batch_size, device, amp, workers,
+def main(args, out, onnx, split, cuts, extra_cuts, clip, chunk_size, batch_size, device, amp, workers,
          force):
-    """Predict the mass of every row of INPUT (raw Parquet or converted HDF5) with CHECKPOINT."""
+    """Predict the mass of every row of INPUT (raw Parquet or converted HDF5) with CHECKPOINT, or with the
+    exported MODEL.onnx given by --onnx.
+
+    \b
+    Examples:
+      python -m massreg.predict runs/top/best_val_loss.pt data/raw/ --out pred.csv --cuts top
+      python -m massreg.predict runs/top/best_val_loss.pt data/top.h5 --split test --out test.parquet
+      python -m massreg.predict --onnx deploy/top_mass.onnx data/raw/ --out pred_onnx.csv
+    """
     from massreg.checkpoint import CheckpointError
     from massreg.data import LayoutError
     from pipeline.parquet import ConvertError
-    config = PredictConfig(checkpoint=checkpoint, inputs=list(inputs), out=out, split=split, cuts=cuts,
+    from pipeline.signals import exit_on_interrupt
+    checkpoint, inputs = (None, list(args)) if onnx is not None else (args[0], list(args[1:]))
+    config = PredictConfig(checkpoint=checkpoint, onnx=onnx, inputs=inputs, out=out, split=split, cuts=cuts,
                            extra_cuts=tuple(extra_cuts), clip=clip, chunk_size=chunk_size,
                            batch_size=batch_size, device=device, amp=amp, workers=workers, force=force)
-    try:
-        df = predict(config, progress=sys.stderr.isatty())
-    except (PredictError, EvaluateError, CheckpointError, LayoutError, ConvertError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
+    with exit_on_interrupt(f"prediction to {out}"):
+        try:
+            df = predict(config, progress=sys.stderr.isatty())
+        except (PredictError, EvaluateError, CheckpointError, LayoutError, ConvertError, OSError) as exc:
+            raise click.ClickException(str(exc)) from None
     per = df.groupby("source", sort=False).size()
     click.echo(f"wrote {len(df)} predictions ({', '.join(f'{Path(s).name}: {n}' for s, n in per.items())}) "
                f"to {out}")
