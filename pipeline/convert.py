@@ -372,7 +372,7 @@ def _write_failure(output: Path, tmp: Path, written: int, size: int, exc: OSErro
         first = first.__context__
     cause = f"[Errno {first.errno}] {os.strerror(first.errno)}" if first.errno else _one_line(first)
     left = f"remove the partial file {tmp} by hand" if tmp.exists() else "the partial file was removed"
-    return f"{output}: write failed after {_size(written)} of {_size(size)} ({cause}); {left}, no output"
+    return f"{output}: write failed after {_size(written)} of {_size(size)} ({cause}); {left}"
 
 
 def _strings(values) -> np.ndarray:
