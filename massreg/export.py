@@ -84,7 +84,14 @@ class Deployed(nn.Module):
 
     def __init__(self, model: nn.Module, normalizer: nn.Module, aux_scaler, target):
         super().__init__()
-        self.model, self.normalizer = model, normalizer
+        self.model = model
+        # The normaliser's affine map as plain buffers, applied below as whole-tensor ops: massreg.data's
+        # Normalizer is tuned for the training loop (flips, per-image CPU kernels), not for a traced graph.
+        self.register_buffer("mean", normalizer.mean.detach().clone().float())        # (1, C, 1, 1)
+        self.register_buffer("std", normalizer.std.detach().clone().float())          # (1, C, 1, 1)
+        clip = normalizer.clip.detach().clone().float()                               # (1, C, 1, 1), inf: none
+        self.clipped = bool(torch.isfinite(clip).any())
+        self.register_buffer("clip", torch.where(torch.isfinite(clip), clip, torch.full_like(clip, 3e38)))
         self.takes_aux = aux_scaler is not None
         if self.takes_aux:
             self.register_buffer("aux_mean", torch.tensor(aux_scaler.mean, dtype=torch.float32))   # (A,)
@@ -96,7 +103,9 @@ class Deployed(nn.Module):
         # The model was trained on float16 files: the same rounding here makes a raw float32 input give
         # exactly the prediction of its converted row (and saturates as the converter's --clip does).
         x = images.clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16).to(torch.float32)
-        x = self.normalizer(x)                                               # (B, C, 125, 125)
+        x = (x - self.mean) / self.std                                       # (B, C, 125, 125)
+        if self.clipped:
+            x = torch.minimum(torch.maximum(x, -self.clip), self.clip)
         if self.takes_aux:
             z = self.model(x, (aux - self.aux_mean) / self.aux_std)          # (B,) standardised mass
         else:
@@ -118,8 +127,10 @@ def _describe(restored, ckpt: dict, config: ExportConfig) -> dict:
     aux_names = list(restored.aux_scaler.names) if restored.aux_scaler is not None else []
     inputs = [{"name": IMAGES, "dtype": "float32", "shape": ["batch", len(channels), 125, 125],
                "layout": "NCHW, row-major; H = ieta (crystal rows), W = iphi (crystal columns)",
-               "channels": [{"index": i, "name": c, "unit": u} for i, (c, u) in enumerate(zip(channels, units))],
-               "values": "raw detector values as in the Parquet X_jet (not normalised); NaN/inf are not allowed"}]
+               "channels": [{"index": i, "name": c, "unit": u}
+                            for i, (c, u) in enumerate(zip(channels, units))],
+               "values": "raw detector values as in the Parquet X_jet (not normalised); "
+                         "NaN/inf are not allowed"}]
     if aux_names:
         inputs.append({"name": AUX, "dtype": "float32", "shape": ["batch", len(aux_names)],
                        "columns": [{"index": i, "name": a, "unit": AUX_UNITS.get(a, "")}
@@ -182,7 +193,7 @@ def _trace(deployed: Deployed, feeds: dict, tmp: Path, opset: int) -> None:
     names = [IMAGES] + ([AUX] if deployed.takes_aux else [])
     args = tuple(torch.from_numpy(feeds[n][:2]) for n in names)     # batch 2, as weaver: 1 could specialise
     with warnings.catch_warnings():
-        # The exporter's own deprecation notice and tracer chatter; the graph is checked against PyTorch below.
+        # The exporter's deprecation notice and tracer chatter; the graph is checked against PyTorch below.
         warnings.simplefilter("ignore")
         torch.onnx.export(deployed, args, str(tmp), dynamo=False, opset_version=opset, input_names=names,
                           output_names=[MASS], dynamic_axes={n: {0: "batch"} for n in (*names, MASS)},
@@ -192,8 +203,8 @@ def _trace(deployed: Deployed, feeds: dict, tmp: Path, opset: int) -> None:
 def export(config: ExportConfig) -> dict:
     """Export config.checkpoint to config.out (+ model.json beside it); returns the model.json dict.
 
-    Writes nothing unless onnx.checker accepts the graph and ONNX Runtime agrees with PyTorch on a check batch;
-    both files are written under temporary names and renamed into place."""
+    Writes nothing unless onnx.checker accepts the graph and ONNX Runtime agrees with PyTorch on a check
+    batch; both files are written under temporary names and renamed into place."""
     try:
         import onnx
         import onnxruntime as ort
@@ -223,16 +234,19 @@ def export(config: ExportConfig) -> dict:
             onnx.checker.check_model(str(tmp), full_check=True)
         except onnx.checker.ValidationError as exc:
             raise ExportError(f"{config.checkpoint}: the exported graph fails onnx.checker "
-                              f"({str(exc).splitlines()[0]}); please report this with the model_config") from None
+                              f"({str(exc).splitlines()[0]}); please report this with the model_config"
+                              ) from None
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         got = session.run([MASS], {k: v for k, v in feeds.items()})[0]
         with torch.no_grad():
             want = deployed(*(torch.from_numpy(feeds[k]) for k in feeds)).numpy()
         worst, ratio = max_excess(got, want)
-        meta["check"] = {"rows": config.check_batch, "max_abs_diff_gev": worst, "rtol": RTOL, "atol_gev": ATOL}
+        meta["check"] = {"rows": config.check_batch, "max_abs_diff_gev": worst, "rtol": RTOL,
+                         "atol_gev": ATOL}
         if not ratio <= 1.0:            # also catches NaN
-            raise ExportError(f"{config.checkpoint}: ONNX Runtime and PyTorch differ by up to {worst:.4g} GeV on "
-                              f"the check batch (allowed max({RTOL:g} x m, {ATOL} GeV)); nothing was written")
+            raise ExportError(f"{config.checkpoint}: ONNX Runtime and PyTorch differ by up to {worst:.4g} "
+                              f"GeV on the check batch (allowed max({RTOL:g} x m, {ATOL} GeV)); "
+                              "nothing was written")
         meta_json = json.dumps(meta, indent=2, default=str)
         graph = onnx.load(str(tmp))
         entry = graph.metadata_props.add()
@@ -297,7 +311,8 @@ class OnnxRegressor:
         if not preds:
             empty = np.zeros(0, dtype=np.float64)
             return {"pred": empty, "true": empty.copy(), "index": np.zeros(0, dtype=np.int64)}
-        return {"pred": np.concatenate(preds), "true": np.concatenate(trues), "index": np.concatenate(indices)}
+        return {"pred": np.concatenate(preds), "true": np.concatenate(trues),
+                "index": np.concatenate(indices)}
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -309,7 +324,8 @@ class OnnxRegressor:
 @click.option("--opset", default=OPSET, show_default=True, type=int,
               help="ONNX opset (17: native LayerNormalization, what CMSSW's ONNX Runtime runs).")
 @click.option("--check-batch", default=8, show_default=True, type=int,
-              help="Rows of the batch on which ONNX Runtime must agree with PyTorch before anything is written.")
+              help="Rows of the batch on which ONNX Runtime must agree with PyTorch before anything is "
+                   "written.")
 @click.option("--force", is_flag=True, help="Replace --out and its model.json if they exist.")
 def main(checkpoint, out, opset, check_batch, force):
     """Export CHECKPOINT (a best_*.pt or last.pt of massreg.train) to ONNX: raw detector images (and pt,
@@ -328,7 +344,8 @@ def main(checkpoint, out, opset, check_batch, force):
             meta = export(config)
         except (ExportError, OSError) as exc:
             raise click.ClickException(str(exc)) from None
-    click.echo(f"wrote {out} and {config.json_path()} (opset {meta['opset']}, {meta['export_seconds']:.1f} s; "
+    click.echo(f"wrote {out} and {config.json_path()} (opset {meta['opset']}, "
+               f"{meta['export_seconds']:.1f} s; "
                f"ONNX Runtime within {meta['check']['max_abs_diff_gev']:.2g} GeV of PyTorch)",
                file=sys.stdout)
 

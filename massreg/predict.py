@@ -359,8 +359,8 @@ def predict(config: PredictConfig, *, progress: bool = False) -> pd.DataFrame:
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
               help="Output file: .csv or .parquet.")
 @click.option("--onnx", default=None, type=click.Path(dir_okay=False), metavar="MODEL.onnx",
-              help="Run this exported model (massreg.export) in ONNX Runtime instead of a CHECKPOINT in PyTorch; "
-                   "every argument is then an INPUT.")
+              help="Run this exported model (massreg.export) in ONNX Runtime instead of a CHECKPOINT in "
+                   "PyTorch; every argument is then an INPUT.")
 @click.option("--split", default=None, type=click.Choice(list(SPLITS)),
               help="HDF5 inputs: only the rows of this split [default: every row].")
 @click.option("--cuts", default=None, type=click.Choice(["paper", "top", "none"]),

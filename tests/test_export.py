@@ -42,15 +42,16 @@ def world(tmp_path_factory):
     convert(ConvertConfig(inputs=[str(d / "raw")], output=str(h5), cuts="none", channels=(0, 1, 2, 3),
                           val_fraction=0.2, test_fraction=0.2, progress=False))
     run = d / "run"
-    result = CliRunner().invoke(train_main, [str(h5), "--model", "tiny", "--epochs", "1", "--batch-size", "8",
-                                             "--device", "cpu", "--run-dir", str(run)], catch_exceptions=False)
+    args = [str(h5), "--model", "tiny", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+            "--run-dir", str(run)]
+    result = CliRunner().invoke(train_main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return d, [str(p) for p in raw], str(h5), str(run / "best_val_loss.pt")
 
 
 def preset_checkpoint(world, preset: str) -> str:
     """The trained checkpoint with its model swapped for a randomly initialised `preset`, made non-trivial
-    (BatchNorm gains and running stats off their initial values, a larger head) so that a wrong graph shows."""
+    (BatchNorm gains and running stats off their initial values, a larger head): a wrong graph shows."""
     d, _, _, ckpt = world
     path = d / f"{preset}.pt"
     if not path.exists():
@@ -115,7 +116,8 @@ def test_trained_tiny_model_equals_pytorch_on_real_rows(world, tmp_path):
     assert images_in["shape"] == ["batch", 4, 125, 125] and images_in["dtype"] == "float32"
     assert [c["name"] for c in aux_in["columns"]] == list(AUX)
     assert described["outputs"] == [{"name": "mass", "dtype": "float32", "shape": ["batch"], "unit": "GeV"}]
-    assert described["checkpoint"]["size"] == Path(ckpt).stat().st_size and described["checkpoint"]["epoch"] == 1
+    assert described["checkpoint"]["size"] == Path(ckpt).stat().st_size
+    assert described["checkpoint"]["epoch"] == 1
     assert {"torch", "onnx", "onnxruntime", "massreg"} <= set(described["versions"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json", "tiny.onnx"]   # no temporary file
 
@@ -137,7 +139,8 @@ def test_raw_float32_input_is_rounded_as_the_converter_rounds(world, tmp_path):
     x = x.reshape(-1, 8, 125, 125)[src_row[first]][:, :4]
     assert not np.array_equal(x.astype(np.float32), images16.astype(np.float32))   # rounding does happen
     runtime = OnnxRegressor(out)
-    np.testing.assert_array_equal(runtime(x.astype(np.float32), aux), runtime(images16.astype(np.float32), aux))
+    np.testing.assert_array_equal(runtime(x.astype(np.float32), aux),
+                                  runtime(images16.astype(np.float32), aux))
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -165,7 +168,8 @@ def test_model_without_aux_has_one_input(world, tmp_path):
     model = build_model(cfg)
     with torch.no_grad():
         model.head.weight.normal_(0.0, 0.3)
-    payload.update(model=model.state_dict(), model_config=asdict(cfg), aux={"names": [], "mean": [], "std": []})
+    payload.update(model=model.state_dict(), model_config=asdict(cfg),
+                   aux={"names": [], "mean": [], "std": []})
     path = tmp_path / "noaux.pt"
     save_checkpoint(path, {k: v for k, v in payload.items() if k not in ("format", "version")})
     out = tmp_path / "noaux.onnx"
@@ -234,12 +238,14 @@ def test_bad_input_is_one_line(world, tmp_path):
     if not other.exists():
         convert(ConvertConfig(inputs=raw[:1], output=str(other), cuts="none", channels=(0, 1, 2, 3, 4),
                               progress=False))
-    result = CliRunner().invoke(predict_main, ["--onnx", str(out), str(other), "--out", str(tmp_path / "p.csv")])
+    result = CliRunner().invoke(predict_main,
+                                ["--onnx", str(out), str(other), "--out", str(tmp_path / "p.csv")])
     one_line_error(result, "track_pt,dz,d0,ecal", "hcal", str(other))
     # --onnx on something that is not one of our ONNX files
     result = CliRunner().invoke(predict_main, ["--onnx", str(junk), h5, "--out", str(tmp_path / "p.csv")])
     one_line_error(result, "junk.pt", "not an ONNX file")
-    result = CliRunner().invoke(predict_main, ["--onnx", str(out), ckpt, h5, "--out", str(tmp_path / "p.csv")])
+    result = CliRunner().invoke(predict_main,
+                                ["--onnx", str(out), ckpt, h5, "--out", str(tmp_path / "p.csv")])
     one_line_error(result, ckpt, "neither a Parquet nor an HDF5 file")
     assert not (tmp_path / "p.csv").exists()
 
