@@ -32,6 +32,13 @@ shards 1..N gives the rows of one conversion in the same order, each with the sa
 row is a hash of seed, file name and row number), and `layout.combine_stats` of their /stats gives the
 statistics of one conversion.
 
+Faults (docs/converter.md, "Faults and interruptions"): SIGTERM and SIGHUP (Slurm's time limit or
+preemption, a closed terminal) take Ctrl-C's path: the temporary file is removed, the workers killed and
+joined, one line says what was interrupted and the exit status is 128 + the signal's number. After pass 1 the
+output's size is known and checked against the free space of its file system, before the file is created; a
+write that fails later (ENOSPC, EIO, a vanished directory) is one ConvertError naming the output, the bytes
+written and the errno, and the partial file is removed.
+
 The converter is four files, each importing only those before it: `pipeline.parquet` (inputs, footers,
 decoding and checking a chunk, float16 rounding, ConvertError), `pipeline.cuts` (presets, the --cut grammar,
 pass 1), `pipeline.parallel` (reader threads, the worker pool, shards, `read_parquet_chunks`) and this module
@@ -513,6 +520,10 @@ Cuts keep the rows inside every range. Presets (--cuts):
 
 A preset cut on a column the files lack is skipped and reported. --cut adds cuts, repeatable, on any scalar
 column or its absolute value: {CUT_SYNTAX}; e.g. --cut '|eta| < 1.4' --cut 'pt >= 30'.
+
+OUTPUT is written under a temporary name beside it and renamed when whole. Its size is checked against the
+free space of its file system after the scan. Ctrl-C, SIGTERM and SIGHUP stop the run with one line, the
+temporary file removed and the workers stopped; the exit status is 128 + the signal's number (143 for SIGTERM).
 
 \b
 Examples:

@@ -182,6 +182,7 @@ def generate(out_dir, config: SynthConfig, force: bool = False, *, progress: boo
             for i_file, target in enumerate(paths):
                 write_file(target, config, i_file, bar)
                 done.append(target)
+        target = out
         for stale in set(existing) - set(paths):
             stale.unlink(missing_ok=True)
         target = out / "synth_config.json"
@@ -237,7 +238,9 @@ def main(out_dir, process, rows, files, rows_per_group, seed, chunk_rows, dtype,
     """Write synthetic CMS end-to-end jet images to OUT_DIR as Parquet files in the real schema.
 
     X_jet (8 x 125 x 125 nested lists: track pT, dz, d0, ECAL, HCAL, pixel layers 1-3), then m, pt, ieta,
-    iphi (and eta for a2gg) as float64. Also writes synth_config.json. Examples:
+    iphi (and eta for a2gg) as float64. Also writes synth_config.json, last. Stopped by Ctrl-C, SIGTERM or
+    SIGHUP, it keeps the files already finished, discards the one in progress and exits with 128 + the
+    signal's number (143 for SIGTERM). Examples:
 
     \b
         python -m pipeline.synth data/raw --process top --rows 2000 --files 2 --seed 1
