@@ -109,7 +109,8 @@ def main(presets, batch, rounds, reps, threads):
                    "ratio": round(statistics.median(ratios), 3), "ratios": [round(x, 3) for x in ratios]}
             rows.append(row)
             print(f"{preset:<12} {row['export_s']:>9.1f} {row['torch_per_s']:>10.1f} "
-                  f"{row['ort_per_s']:>10.1f} {row['ratio']:>11.2f}x  {', '.join(f'{x:.2f}' for x in row['ratios'])}", flush=True)
+                  f"{row['ort_per_s']:>10.1f} {row['ratio']:>11.2f}x  "
+                  f"{', '.join(f'{x:.2f}' for x in row['ratios'])}", flush=True)
     print(json.dumps({"batch": batch, "threads": threads, "rows": rows}))
 
 
