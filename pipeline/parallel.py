@@ -5,7 +5,7 @@ footer; `_start_pool` / `_results` send chunks (TASK_CHUNKS per task) to worker 
 results back in order; `parse_shard` / `_shard_ranges` cut the inputs' chunks into N parts.
 `read_parquet_chunks` is the public reader (`massreg.predict` uses it): the converter's decoding and checks,
 without writing. It sits above `pipeline.parquet`, the only converter file it imports, and below
-`pipeline.convert`. (It also imports `pipeline.signals`, which its workers use to ignore stop signals.)
+`pipeline.convert`. (It also imports `pipeline.signals`: only the parent reacts to stop signals.)
 """
 from __future__ import annotations
 
@@ -84,8 +84,9 @@ def _start_pool(workers: int, preload: Sequence[str]) -> ProcessPoolExecutor:
     group: it removes its temporary file and stops the workers (`_stop_pool`). The processes started here (the
     workers, and the forkserver and multiprocessing's resource tracker when they start with the pool) are
     started with those signals blocked, a mask they inherit and keep: a worker would print a traceback of its
-    own, and a forkserver or tracker killed by the signal leaves its children unreaped and the parent warning
-    about leaked semaphores. The parent's own signal stays pending meanwhile, not lost."""
+    own, a killed forkserver leaves its workers unreaped, and a killed tracker (it ignores SIGTERM, not
+    SIGHUP) makes the parent print warnings and tracebacks. The parent's own signal stays pending meanwhile,
+    not lost."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(list(preload))
