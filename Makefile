@@ -36,12 +36,18 @@ demo: $(STAMP)
 	@if command -v h5ls >/dev/null; then h5ls -r $(DEMO)/top.h5; else $(PY) -m pipeline.inspect $(DEMO)/top.h5; fi
 	$(PY) -m massreg.train $(DEMO)/top.h5 --model $(DEMO_MODEL) --epochs $(DEMO_EPOCHS) --run-dir $(DEMO)/run --device cpu
 	$(PY) -m massreg.evaluate $(DEMO)/run/best_val_loss.pt $(DEMO)/top.h5 --split test --max-mae-ratio 0.35
+	mkdir -p $(DEMO)/deploy
+	$(PY) -m massreg.export $(DEMO)/run/best_val_loss.pt --out $(DEMO)/deploy/top_mass.onnx
+	$(PY) -m massreg.predict --onnx $(DEMO)/deploy/top_mass.onnx $(DEMO)/top.h5 --split test \
+		--out $(DEMO)/deploy/test_onnx.csv
 	@echo "plots: $(DEMO)/run/plots/ (training) and $(DEMO)/run/eval_test/ (test)"
+	@echo "deployable model: $(DEMO)/deploy/top_mass.onnx with its description top_mass.json"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_convert.py
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_model.py --threads 1
+	$(PY) benchmarks/bench_export.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -136,6 +137,9 @@ def _describe(restored, ckpt: dict, config: ExportConfig) -> dict:
                        "columns": [{"index": i, "name": a, "unit": AUX_UNITS.get(a, "")}
                                    for i, a in enumerate(aux_names)],
                        "values": "raw values as in the Parquet scalar columns (not normalised)"})
+    normalizer = restored.normalizer.to_dict()       # x -> clamp((x - mean) / std, -clip, clip)
+    # null, not Infinity, where a channel is not clipped: strict JSON, which C++ parsers require
+    normalizer["clip"] = [c if math.isfinite(c) else None for c in normalizer["clip"]]
     path = Path(config.checkpoint)
     sha = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -146,7 +150,7 @@ def _describe(restored, ckpt: dict, config: ExportConfig) -> dict:
         "inputs": inputs,
         "outputs": [{"name": MASS, "dtype": "float32", "shape": ["batch"], "unit": "GeV"}],
         "in_graph": {"float16_rounding": f"clamp to +-{FLOAT16_MAX:g}, round to float16 (as the converter)",
-                     "normalizer": restored.normalizer.to_dict(),
+                     "normalizer": normalizer,
                      "aux": {"names": aux_names, "mean": list(restored.aux_scaler.mean) if aux_names else [],
                              "std": list(restored.aux_scaler.std) if aux_names else []},
                      "target": {"mean": restored.target.mean, "std": restored.target.std}},
@@ -247,7 +251,7 @@ def export(config: ExportConfig) -> dict:
             raise ExportError(f"{config.checkpoint}: ONNX Runtime and PyTorch differ by up to {worst:.4g} "
                               f"GeV on the check batch (allowed max({RTOL:g} x m, {ATOL} GeV)); "
                               "nothing was written")
-        meta_json = json.dumps(meta, indent=2, default=str)
+        meta_json = json.dumps(meta, indent=2, default=str, allow_nan=False)
         graph = onnx.load(str(tmp))
         entry = graph.metadata_props.add()
         entry.key, entry.value = "massreg", meta_json
