@@ -299,32 +299,39 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> dict:
     edges = mass_edges(lo, hi if hi > lo else lo + 1.0, config.n_bins)
     bins = bin_table(pred, true, train_mean, edges, knn_pred)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plots = plot_predictions(pred, true, out_dir, config.split, edges=edges,
-                             label=f"{config.split}, {Path(config.checkpoint).name}")
-    atomic_write_text(out_dir / "bins.csv", bins.to_csv(index=False, float_format="%.6g"))
-    report = {
-        "config": asdict(config),
-        "checkpoint": {"path": str(config.checkpoint), "resolved": str(Path(config.checkpoint).resolve()),
-                       "epoch": ckpt.get("epoch"), "step": ckpt.get("step"), "best": ckpt.get("best"),
-                       "model_config": ckpt.get("model_config"), "channels": list(restored.channels),
-                       "trained_on": ckpt.get("data", {}).get("paths")},
-        "data": dataset.file_info(),
-        "split": config.split,
-        "device": str(device),
-        "n": model_metrics["n"],
-        "model": model_metrics,
-        "constant": {"value": train_mean, **const_metrics},
-        "mae_ratio": model_metrics["mae"] / const_metrics["mae"] if const_metrics["mae"] > 0 else None,
-        "knn": knn_block,
-        "mae_ratio_knn": (model_metrics["mae"] / knn_block["mae"]
-                          if knn_pred is not None and knn_block["mae"] > 0 else None),
-        "bins": bins.to_dict(orient="records"),
-        "plots": [p.name for p in plots],
-        "out_dir": str(out_dir),
-    }
-    report = _json_safe(report)
-    atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    # Plots, bins.csv, then metrics.json last (each atomically): a folder with metrics.json is complete.
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # --force: the old metrics.json goes first; it must never sit beside new plots as if it were theirs
+        (out_dir / "metrics.json").unlink(missing_ok=True)
+        plots = plot_predictions(pred, true, out_dir, config.split, edges=edges,
+                                 label=f"{config.split}, {Path(config.checkpoint).name}")
+        atomic_write_text(out_dir / "bins.csv", bins.to_csv(index=False, float_format="%.6g"))
+        report = {
+            "config": asdict(config),
+            "checkpoint": {"path": str(config.checkpoint), "resolved": str(Path(config.checkpoint).resolve()),
+                           "epoch": ckpt.get("epoch"), "step": ckpt.get("step"), "best": ckpt.get("best"),
+                           "model_config": ckpt.get("model_config"), "channels": list(restored.channels),
+                           "trained_on": ckpt.get("data", {}).get("paths")},
+            "data": dataset.file_info(),
+            "split": config.split,
+            "device": str(device),
+            "n": model_metrics["n"],
+            "model": model_metrics,
+            "constant": {"value": train_mean, **const_metrics},
+            "mae_ratio": model_metrics["mae"] / const_metrics["mae"] if const_metrics["mae"] > 0 else None,
+            "knn": knn_block,
+            "mae_ratio_knn": (model_metrics["mae"] / knn_block["mae"]
+                              if knn_pred is not None and knn_block["mae"] > 0 else None),
+            "bins": bins.to_dict(orient="records"),
+            "plots": [p.name for p in plots],
+            "out_dir": str(out_dir),
+        }
+        report = _json_safe(report)
+        atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    except OSError as exc:  # a full disk, a vanished folder: one line, and metrics.json stays absent
+        raise EvaluateError(f"{out_dir}: writing the evaluation failed ({exc.strerror or exc}); "
+                            "no metrics.json was written") from None
     return report
 
 
@@ -411,15 +418,17 @@ def main(checkpoint, data, split, out, batch_size, device, amp, workers, n_bins,
     kNN physics baseline."""
     from massreg.checkpoint import CheckpointError
     from massreg.data import LayoutError
+    from pipeline.signals import exit_on_interrupt
     config = EvaluateConfig(checkpoint=checkpoint, data=list(data), split=split, out=out,
                             batch_size=batch_size, device=device, amp=amp, workers=workers, n_bins=n_bins,
                             max_mae_ratio=max_mae_ratio, force=force, knn=knn, knn_train_rows=knn_train_rows)
-    try:
-        report = evaluate(config, progress=sys.stderr.isatty())
-        click.echo(format_report(report))
-        check_bound(report, max_mae_ratio)
-    except (EvaluateError, CheckpointError, LayoutError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
+    with exit_on_interrupt(f"evaluation of {checkpoint}", "no metrics.json was written (it is written last)"):
+        try:
+            report = evaluate(config, progress=sys.stderr.isatty())
+            click.echo(format_report(report))
+            check_bound(report, max_mae_ratio)
+        except (EvaluateError, CheckpointError, LayoutError, OSError) as exc:
+            raise click.ClickException(str(exc)) from None
 
 
 if __name__ == "__main__":
