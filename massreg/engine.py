@@ -5,7 +5,9 @@
 
 Batches are the dicts of massreg.data.H5Images: "images" float16 (B, C, 125, 125) raw values, "m" float32 (B,)
 GeV, "aux" float32 (B, A) raw values, "index" int64 (B,). The float16 -> float32 cast and the normalisation
-happen here, on the device, so the loader moves half the bytes.
+happen here, on the device, so the loader moves half the bytes. A batch prepared by
+massreg.prefetch.DevicePrefetcher ("x" float32 (B, C, 125, 125), already flipped and normalised on the
+device, and "aux_z" (B, A) or None) goes straight to the model.
 """
 from __future__ import annotations
 
@@ -30,12 +32,15 @@ def encode_aux(aux_scaler, aux: torch.Tensor) -> torch.Tensor:
 
 def forward(model: torch.nn.Module, batch: dict, *, normalizer: torch.nn.Module, aux_scaler,
             device: torch.device, amp: bool) -> torch.Tensor:
-    """Model output in standardised target units, (B,) float32, for one loader batch."""
-    images = batch["images"].to(device, non_blocking=True)         # (B, C, 125, 125) float16
-    x = normalizer(images)                                          # (B, C, 125, 125) float32
-    aux = None
-    if aux_scaler is not None:
-        aux = encode_aux(aux_scaler, batch["aux"].to(device, non_blocking=True))   # (B, A)
+    """Model output in standardised target units, (B,) float32, for one loader or prefetcher batch."""
+    if "x" in batch:                                                # prepared by DevicePrefetcher
+        x, aux = batch["x"], batch["aux_z"]
+    else:
+        images = batch["images"].to(device, non_blocking=True)     # (B, C, 125, 125) float16
+        x = normalizer(images)                                      # (B, C, 125, 125) float32
+        aux = None
+        if aux_scaler is not None:
+            aux = encode_aux(aux_scaler, batch["aux"].to(device, non_blocking=True))   # (B, A)
     with autocast(device, amp):
         z = model(x, aux) if aux is not None else model(x)
     return z.float()                                                # (B,) even under bf16 autocast

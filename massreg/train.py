@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # annotations only: the data and model modules load when a ru
 
     from massreg.config import ModelConfig
     from massreg.data import AuxScaler, H5Images, Normalizer, TargetScaler
+    from massreg.prefetch import DevicePrefetcher
 
 AUX_NAMES = ("pt", "ieta", "iphi")
 PATCH_PRESETS = tuple(name for name, preset in PRESETS.items() if preset.stem == "patch")  # have patch_norm
@@ -88,6 +89,7 @@ class TrainConfig:
     norm: str = "reference"           # stats (z-score from /stats) | reference (fixed per-channel scales)
     aux: bool = True                  # feed pt, ieta, iphi (normalised) to the model
     flips: bool = True                # random flips in eta and phi, a function of (seed, epoch, row)
+    shuffle: str = "row"              # row: uniform order | block: contiguous blocks, shuffled in windows
     patch_norm: bool | None = None    # None: the preset's; False drops the LayerNorm over raw patch pixels
     device: str = "auto"              # auto | cpu | cuda
     amp: bool = False                 # bf16 autocast on CUDA; a no-op on CPU
@@ -119,7 +121,7 @@ DEFAULT_LR = {"tiny": 1e-3, "small": 1e-3, "seed": 1e-4, "hybrid": 1e-3, "hybrid
               "hybrid-seed": 1e-4, "resnet": 1e-3, "resnet-wide": 1e-3}
 CHOICES = {"recipe": tuple(RECIPES), "optimizer": ("adam", "adamw"),
            "schedule": ("cosine", "exponential", "constant"), "loss": ("mse", "l1", "huber"),
-           "norm": ("stats", "reference"), "device": ("auto", "cpu", "cuda")}
+           "norm": ("stats", "reference"), "device": ("auto", "cpu", "cuda"), "shuffle": ("row", "block")}
 # Options that may change when a run is resumed: they change where and how fast it runs, not what it computes
 # (epochs may grow; with a cosine schedule that stretches the remaining decay).
 RESUME_MUTABLE = {"device", "amp", "compile", "workers", "eval_every", "epochs", "resume", "force", "run_dir",
@@ -338,8 +340,10 @@ def check_same_data(ckpt: dict, info: list[dict], source: str) -> None:
 # ---------------------------------------------------------------- the loop
 
 def train_one_epoch(model, loader, optimizer, c: TrainConfig, *, epoch: int, step: int, steps_per_epoch: int,
-                    normalizer, target, aux_scaler, d: Dist, bar) -> tuple[float, int, int]:
-    """One pass over the train loader. Returns (mean train loss over this rank's samples, samples, next step).
+                    normalizer, target, aux_scaler, d: Dist, bar,
+                    start_step: int = 0) -> tuple[float, int, int]:
+    """One pass over the train batches (DevicePrefetcher's, or a plain loader's), from batch `start_step` of
+    the epoch. Returns (mean train loss over this rank's samples, samples, next step).
 
     Raises TrainingError on a non-finite loss or gradient before the optimizer step, so the weights stay
     finite.
@@ -348,7 +352,7 @@ def train_one_epoch(model, loader, optimizer, c: TrainConfig, *, epoch: int, ste
     total, count = 0.0, 0
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = c.grad_clip if c.grad_clip > 0 else float("inf")
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(loader, start_step):
         lr = lr_at(c, (epoch - 1) * steps_per_epoch + i, steps_per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -394,9 +398,9 @@ def validate_epoch(model, loader, c: TrainConfig, *, normalizer, target, aux_sca
 @dataclass
 class RunData:
     """The train and val sets of a run and the scalers derived from the file's stats; fixed for the run."""
-    train_set: H5Images             # the train split; its flips follow set_epoch
+    train_set: H5Images             # the train split, read as stored (flips happen on the device)
     fit_set: Dataset                # train_set, or a Subset of its first --max-train-samples rows
-    val_set: H5Images               # the val split, no flips
+    val_set: H5Images               # the val split
     info: list[dict]                # path and size per file: which data a checkpoint came from
     stats: dict
     channels: list
@@ -419,6 +423,7 @@ class RunState:
     optimizer: torch.optim.Optimizer
     steps_per_epoch: int            # per rank
     val_loader: torch.utils.data.DataLoader
+    feed: DevicePrefetcher          # the train batches: read ahead, flipped and normalised on the device
     epoch: int                      # completed epochs
     step: int                       # optimizer steps taken by this process
     best: dict                      # val_loss, val_mre and the epochs they were reached at
@@ -449,8 +454,8 @@ def open_data(config: TrainConfig, ckpt: dict | None, d: Dist) -> RunData:
     from massreg.data import AuxScaler, H5Images, Normalizer, TargetScaler
 
     aux_names = AUX_NAMES if config.aux else ()
-    train_set = H5Images(list(config.data), "train", aux=aux_names, flips=config.flips, seed=config.seed)
-    val_set = H5Images(list(config.data), "val", aux=aux_names, flips=False, seed=config.seed)
+    train_set = H5Images(list(config.data), "train", aux=aux_names)   # flipped on the device (prefetch)
+    val_set = H5Images(list(config.data), "val", aux=aux_names)
     info = train_set.file_info()
     if ckpt is not None:
         check_same_data(ckpt, info, f"{config.resume}/last.pt")
@@ -473,6 +478,7 @@ def build_state(config: TrainConfig, data: RunData, ckpt: dict | None, d: Dist) 
     """Model and optimizer, from the seed or from last.pt, wrapped for training; the val loader."""
     from massreg.config import build_model, model_config
     from massreg.data import make_loader
+    from massreg.prefetch import DevicePrefetcher, ThreadReader, WorkerReader
 
     mcfg = model_config(config.model, channels=len(data.channels), num_aux=len(data.aux_names),
                         **({} if config.patch_norm is None else {"patch_norm": config.patch_norm}))
@@ -496,9 +502,15 @@ def build_state(config: TrainConfig, data: RunData, ckpt: dict | None, d: Dist) 
         data.val_set, num_replicas=d.world, rank=d.rank, shuffle=False) if d.world > 1 else None)
     val_loader = make_loader(data.val_set, batch_size=config.batch_size, shuffle=False, seed=config.seed,
                              workers=config.workers, sampler=val_sampler)
+    # --workers 0: reader threads in this process (faster on the machines measured: docs/performance.md);
+    # --workers N: N persistent worker processes. Either way into reused (pinned on CUDA) buffers.
+    reader = (WorkerReader(data.fit_set, workers=config.workers) if config.workers
+              else ThreadReader(data.fit_set, pin=d.device.type == "cuda"))
+    feed = DevicePrefetcher(reader, d.device, normalizer=data.normalizer, aux_scaler=data.aux_scaler,
+                            flip_seed=config.seed if config.flips else None)
     return RunState(config=config, d=d, data=data, mcfg=mcfg, raw_model=raw_model, model=model,
                     eval_model=eval_model, optimizer=optimizer, steps_per_epoch=steps_per_epoch,
-                    val_loader=val_loader, epoch=epoch, step=step, best=best, history=history)
+                    val_loader=val_loader, feed=feed, epoch=epoch, step=step, best=best, history=history)
 
 
 def restore(config: TrainConfig, ckpt: dict | None, raw_model: torch.nn.Module,
@@ -544,17 +556,14 @@ def train_epoch(s: RunState) -> dict:
     """Train epoch s.epoch + 1 and count it done; its metrics row (train loss averaged over all ranks)."""
     from tqdm.auto import tqdm
 
-    from massreg.data import make_loader
+    from massreg.data import EpochBatches
 
     config, d, data = s.config, s.d, s.data
-    data.train_set.set_epoch(s.epoch)  # flips of this epoch: a function of (seed, epoch, row)
-    sampler = None
-    if d.world > 1:
-        sampler = torch.utils.data.distributed.DistributedSampler(
-            data.fit_set, num_replicas=d.world, rank=d.rank, shuffle=True, seed=config.seed)
-        sampler.set_epoch(s.epoch)
-    loader = make_loader(data.fit_set, batch_size=config.batch_size, shuffle=sampler is None,
-                         seed=config.seed, workers=config.workers, epoch=s.epoch, sampler=sampler)
+    # The batches and the flips of this epoch: functions of (seed, epoch, step), split over the ranks.
+    batches = EpochBatches(len(data.fit_set), config.batch_size, order=config.shuffle, seed=config.seed,
+                           epoch=s.epoch, rank=d.rank, world=d.world)
+    assert batches.steps() == s.steps_per_epoch, (batches.steps(), s.steps_per_epoch)
+    loader = s.feed.epoch(batches, s.epoch)
     bar = tqdm(total=s.steps_per_epoch, desc=f"epoch {s.epoch + 1}/{config.epochs}", unit="step",
                file=sys.stderr, leave=False, disable=True if not d.main else None)
     t0 = time.perf_counter()
@@ -568,6 +577,7 @@ def train_epoch(s: RunState) -> dict:
         raise TrainingError(f"{exc}; last good checkpoint: {kept}. Try a lower --lr or check the data") \
             from None
     finally:
+        loader.close()    # an epoch stopped early (non-finite loss) ends its reader threads now
         bar.close()
     seconds = time.perf_counter() - t0
     if d.world > 1:
@@ -651,6 +661,7 @@ def train(config: TrainConfig, *, stop_after_epochs: int | None = None, echo=cli
     validate(config)
     d = setup_distributed(config)
     say = echo if d.main else (lambda *a, **k: None)
+    s = None
     try:
         config, ckpt = resolve_run(config, d)
         if config.amp and d.device.type != "cuda":
@@ -680,6 +691,8 @@ def train(config: TrainConfig, *, stop_after_epochs: int | None = None, echo=cli
         return {"run_dir": str(s.run_dir), "best": s.best, "history": s.history, "epoch": s.epoch,
                 "config": config}
     finally:
+        if s is not None:
+            s.feed.close()
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -746,12 +759,16 @@ def make_plots(run: Path, history: list[dict], raw_model, val_set, c: TrainConfi
               help="Images: z-score from /stats or fixed scales.")
 @click.option("--aux/--no-aux", default=None, help="Feed pt, ieta, iphi to the model [recipe].")
 @click.option("--flips/--no-flips", default=None, help="Random flips in eta and phi while training [recipe].")
+@click.option("--shuffle", type=click.Choice(CHOICES["shuffle"]), default="row", show_default=True,
+              help="Train order: uniform over rows, or contiguous blocks shuffled in windows (data larger "
+                   "than the page cache: docs/training.md).")
 @click.option("--patch-norm/--no-patch-norm", default=None,
               help=f"LayerNorm over raw patch pixels ({', '.join(PATCH_PRESETS)} only) [preset's].")
 @click.option("--device", type=click.Choice(CHOICES["device"]), default="auto", show_default=True)
 @click.option("--amp/--no-amp", default=False, show_default=True, help="bf16 autocast (CUDA only).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
-@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--workers", type=int, default=0, show_default=True,
+              help="Reader processes (persistent DataLoader workers); 0: reader threads in this process.")
 @click.option("--resume", type=click.Path(file_okay=False, exists=True),
               help="Continue RUN_DIR from last.pt.")
 @click.option("--force", is_flag=True, help="Overwrite a run directory that already holds a run.")

@@ -530,3 +530,25 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_file, monk
     last = ck.load_checkpoint(run / "last.pt")
     assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values())
     assert len((run / "metrics.csv").read_text().strip().splitlines()) == 2  # header + epoch 1
+
+
+def test_block_order_resumed_with_worker_processes_gives_the_same_weights(tmp_path, data_file, monkeypatch):
+    """--shuffle block, 2 epochs straight with reader threads vs 1 epoch, stop, --resume with --workers 1
+    (a persistent worker process reading into shared buffers): the same images in the same order, so the
+    same weights."""
+    from massreg.train import build_config, train
+
+    monkeypatch.setattr("massreg.train.make_plots", lambda *a, **k: None)
+    register_model(monkeypatch, "tiny-dropout")
+    opts = dict(data=(str(data_file),), model="tiny-dropout", batch_size=8, epochs=2, device="cpu", seed=4,
+                shuffle="block")
+    quiet = lambda *a, **k: None  # noqa: E731
+    train(build_config(**opts, run_dir=str(tmp_path / "straight")), echo=quiet)
+    train(build_config(**opts, run_dir=str(tmp_path / "resumed")), stop_after_epochs=1, echo=quiet)
+    result = run_cli(["--resume", tmp_path / "resumed", "--workers", 1])
+    assert result.exit_code == 0, result.output
+    a, b = (ck.load_checkpoint(tmp_path / r / "last.pt") for r in ("straight", "resumed"))
+    assert a["train_config"]["shuffle"] == b["train_config"]["shuffle"] == "block"
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
