@@ -90,7 +90,7 @@ class Deployed(nn.Module):
         # Normalizer is tuned for the training loop (flips, per-image CPU kernels), not for a traced graph.
         self.register_buffer("mean", normalizer.mean.detach().clone().float())        # (1, C, 1, 1)
         self.register_buffer("std", normalizer.std.detach().clone().float())          # (1, C, 1, 1)
-        clip = normalizer.clip.detach().clone().float()                               # (1, C, 1, 1), inf: none
+        clip = normalizer.clip.detach().clone().float()                      # (1, C, 1, 1), inf: none
         self.clipped = bool(torch.isfinite(clip).any())
         self.register_buffer("clip", torch.where(torch.isfinite(clip), clip, torch.full_like(clip, 3e38)))
         self.takes_aux = aux_scaler is not None
@@ -215,7 +215,7 @@ def export(config: ExportConfig) -> dict:
     except ImportError as exc:
         raise ExportError(f"export needs onnx and onnxruntime ({exc.name} is missing): "
                           "pip install 'massreg[export]'") from None
-    from massreg.checkpoint import CheckpointError, atomic_write, atomic_write_text, load_checkpoint, restore
+    from massreg.checkpoint import CheckpointError, load_checkpoint, restore
 
     config.validate()
     try:
@@ -256,11 +256,31 @@ def export(config: ExportConfig) -> dict:
         entry = graph.metadata_props.add()
         entry.key, entry.value = "massreg", meta_json
         graph.doc_string = f"massreg mass regressor from {config.checkpoint}: raw images (and aux) -> GeV"
-        atomic_write(out, lambda fh: fh.write(graph.SerializeToString()))
-        atomic_write_text(config.json_path(), meta_json + "\n")
+        _write_both(out, graph.SerializeToString(), config.json_path(), meta_json + "\n")
+    except OSError as exc:  # the trace's own file: a full disk, a vanished folder
+        raise ExportError(f"{out}: writing failed ({exc.strerror or exc}); nothing was written") from None
     finally:
         tmp.unlink(missing_ok=True)
     return json.loads(meta_json)      # as model.json reads back (tuples as lists)
+
+
+def _write_both(out: Path, graph: bytes, json_path: Path, text: str) -> None:
+    """The .onnx, then its .json, each atomically; a failure leaves neither new file (an .onnx beside no or
+    an older .json is not an export) and is one ExportError naming the file."""
+    from massreg.checkpoint import atomic_write, atomic_write_text
+
+    try:
+        atomic_write(out, lambda fh: fh.write(graph))
+    except OSError as exc:
+        raise ExportError(f"{out}: writing failed ({exc.strerror or exc}); nothing was written") from None
+    try:
+        atomic_write_text(json_path, text)
+    except BaseException as exc:
+        out.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ExportError(f"{json_path}: writing failed ({exc.strerror or exc}); {out} was removed "
+                              "again, nothing was written") from None
+        raise
 
 
 # ------------------------------------------------------------------------------------------------ runtime
