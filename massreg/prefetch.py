@@ -48,6 +48,33 @@ def _base(dataset) -> tuple[H5Images, np.ndarray | None]:
     return dataset, remap
 
 
+HINT_AHEAD = 8    # batches: the blocks of batch k + 8 are asked for while batch k is read (block order)
+
+
+def _with_hints(sampler, ahead: int = HINT_AHEAD):
+    """(positions, block ranges to read ahead now) per batch of `sampler`: the whole blocks (EpochBatches.
+    block_ranges; none in row order) of the batch `ahead` steps later, each block once."""
+    batches = list(sampler)                       # position lists: small next to the images they name
+    ranges_of = getattr(sampler, "block_ranges", None)
+    seen: set = set()
+
+    def new(k: int) -> list:
+        if ranges_of is None or k >= len(batches):
+            return []
+        out = [r for r in ranges_of(batches[k]) if r not in seen]
+        seen.update(out)
+        return out
+
+    first = [r for k in range(ahead) for r in new(k)]
+    for k, idx in enumerate(batches):
+        yield idx, (first if k == 0 else []) + new(k + ahead)
+
+
+def _read_ahead(base: H5Images, remap: np.ndarray | None, ranges) -> None:
+    for lo, hi in ranges:
+        base.will_need(np.arange(lo, hi) if remap is None else remap[lo:hi])
+
+
 def _ring(slots: int, batch_size: int, base: H5Images, *, pin: bool = False, shared: bool = False):
     """(slots, batch_size, C, 125, 125) float16: the reused host buffers."""
     shape = (slots, batch_size, len(base.channels), layout.IMAGE_SIZE, layout.IMAGE_SIZE)
@@ -87,11 +114,12 @@ class ThreadReader:
             torch.cuda.synchronize()          # copies from the last epoch's buffers are done (once an epoch)
         ring = self._ring
         free = self._free = deque((s, None) for s in range(slots))
-        positions = iter(sampler)
+        positions = _with_hints(sampler)
         pending: deque = deque()
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="massreg-reader")
 
-        def read(pos: np.ndarray, slot: int, event) -> dict:
+        def read(pos: np.ndarray, ranges, slot: int, event) -> dict:
+            _read_ahead(base, remap, ranges)  # block order: the kernel reads whole blocks ahead of use
             if event is not None:
                 event.synchronize()           # the previous batch in this buffer has reached the device
             batch = base.read_into(pos, ring[slot, :len(pos)])
@@ -99,13 +127,13 @@ class ThreadReader:
             return batch
 
         def submit() -> None:
-            idx = next(positions, None)
-            if idx is None:
+            task = next(positions, None)
+            if task is None:
                 return
             if not free:
                 raise RuntimeError("every reader buffer is held: release(batch['slot']) each batch")
-            pos = np.asarray(idx, dtype=np.int64)
-            pending.append(pool.submit(read, pos if remap is None else remap[pos], *free.popleft()))
+            pos = np.asarray(task[0], dtype=np.int64)
+            pending.append(pool.submit(read, pos if remap is None else remap[pos], task[1], *free.popleft()))
 
         try:
             for _ in range(self.depth):
@@ -121,7 +149,8 @@ class ThreadReader:
 
 
 class _SlotTasks:
-    """Batch sampler of (slot, positions) tasks: the k-th batch of an epoch goes to ring slot k % slots."""
+    """Batch sampler of (slot, positions, read-ahead ranges) tasks: the k-th batch of an epoch goes to ring
+    slot k % slots."""
 
     def __init__(self, slots: int):
         self.slots, self.sampler = slots, None
@@ -130,8 +159,8 @@ class _SlotTasks:
         return len(self.sampler)
 
     def __iter__(self):
-        for k, idx in enumerate(self.sampler):
-            yield k % self.slots, idx
+        for k, (idx, ranges) in enumerate(_with_hints(self.sampler)):
+            yield k % self.slots, idx, ranges
 
 
 class _RingFetch(Dataset):
@@ -144,7 +173,8 @@ class _RingFetch(Dataset):
         return len(self.base)
 
     def __getitems__(self, task) -> dict:
-        slot, idx = task
+        slot, idx, ranges = task
+        _read_ahead(self.base, self.remap, ranges)
         pos = np.asarray(idx, dtype=np.int64)
         pos = pos if self.remap is None else self.remap[pos]
         batch = self.base.read_into(pos, self.ring[slot, :len(pos)])

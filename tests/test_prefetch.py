@@ -12,7 +12,7 @@ from torch.utils.data import RandomSampler, Subset
 
 from massreg import data as D
 from massreg.data import EpochBatches, H5Images, Normalizer, epoch_order
-from massreg.prefetch import DevicePrefetcher, ThreadReader, WorkerReader
+from massreg.prefetch import DevicePrefetcher, ThreadReader, WorkerReader, _with_hints
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_data import make_rows, write_file  # noqa: E402
@@ -162,6 +162,19 @@ def test_epoch_batches_start_at_any_step_and_split_over_ranks(order):
     assert len({len(r) for r in ranks}) == 1                      # every rank takes as many steps
     rows = sorted(sum(sum(ranks, []), []))
     assert sorted(set(rows)) == list(range(n)) and len(rows) == 3 * -(-n // 3)   # padded like DDP's
+
+
+def test_block_order_reads_each_block_ahead_once(shards):
+    sampler = EpochBatches(200, 8, order="block", seed=0, block_rows=16, window_blocks=2)
+    hinted_at = {}
+    for k, (idx, ranges) in enumerate(_with_hints(sampler, ahead=3)):
+        for r in ranges:
+            assert r not in hinted_at
+            hinted_at[r] = k
+        assert all(hinted_at[r] <= max(0, k - 3) for r in sampler.block_ranges(idx))  # asked 3 batches early
+    assert sorted(hinted_at) == [(lo, min(lo + 16, 200)) for lo in range(0, 200, 16)]
+    assert all(not r for _, r in _with_hints(EpochBatches(200, 8, order="row"), ahead=3))
+    H5Images(shards, "train").will_need(np.arange(3, 30))       # posix_fadvise across both files: no error
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
