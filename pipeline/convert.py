@@ -33,7 +33,7 @@ row is a hash of seed, file name and row number), and `layout.combine_stats` of 
 statistics of one conversion.
 
 Faults (docs/converter.md, "Faults and interruptions"): SIGTERM and SIGHUP (Slurm's time limit or
-preemption, a closed terminal) take Ctrl-C's path: the temporary file is removed, the workers killed and
+preemption, a closed terminal) take Ctrl-C's path: the temporary file is removed, the workers stopped and
 joined, one line says what was interrupted and the exit status is 128 + the signal's number. After pass 1 the
 output's size is known and checked against the free space of its file system, before the file is created; a
 write that fails later (ENOSPC, EIO, a vanished directory) is one ConvertError naming the output, the bytes
@@ -279,8 +279,9 @@ def convert(config: ConvertConfig) -> ConvertSummary:
     created = _created()
     bar_off = None if config.progress is None else not config.progress
     workers = int(config.workers)
-    pool = _start_pool(workers, ["pipeline.convert"]) if workers > 1 else None
+    pool = None
     try:
+        pool = _start_pool(workers, ["pipeline.convert"]) if workers > 1 else None
         plan = _plan(config, shard, bar_off, pool)
         size = _output_bytes(plan, channels)
         _check_space(output, size)
@@ -320,7 +321,7 @@ def convert(config: ConvertConfig) -> ConvertSummary:
                 raise ConvertError(_write_failure(output, tmp, written.bytes, size, exc)) from None
             raise
     except BaseException:
-        _stop_pool(pool, kill=True)
+        _stop_pool(pool)
         raise
     finally:
         _cached_parquet.cache_clear()
@@ -523,7 +524,8 @@ column or its absolute value: {CUT_SYNTAX}; e.g. --cut '|eta| < 1.4' --cut 'pt >
 
 OUTPUT is written under a temporary name beside it and renamed when whole. Its size is checked against the
 free space of its file system after the scan. Ctrl-C, SIGTERM and SIGHUP stop the run with one line, the
-temporary file removed and the workers stopped; the exit status is 128 + the signal's number (143 for SIGTERM).
+temporary file removed and the workers stopped; the exit status is 128 + the signal's number (143 for
+SIGTERM).
 
 \b
 Examples:

@@ -18,6 +18,7 @@ from collections import deque
 from contextlib import closing, contextmanager
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline.parquet import (ConvertError, _cached_parquet, _Chunk, _decode, _file_chunks, _inspect,
                               _one_line, _read_chunk, _Result, _Source, parse_channels)
-from pipeline.signals import STOP_SIGNALS, ignore_stop_signals
+from pipeline.signals import STOP_SIGNALS, StopFlag, ignore_stop_signals
 
 TASK_CHUNKS = 4                 # chunks per task sent to a worker process
 
@@ -70,65 +71,85 @@ def _run_chunk(chunk: _Chunk) -> _Result:
 
 
 def _worker_ready() -> int:
-    """A no-op task: submitted first, it makes the pool start its workers while the parent runs pass 1."""
+    """A no-op task: one per worker makes the pool start them all at once."""
     return os.getpid()
 
 
+def _worker_init(booted) -> None:
+    """Each worker's first act: stop signals are the parent's to handle, then say it has booted."""
+    ignore_stop_signals()
+    booted.release()
+
+
 def _start_pool(workers: int, preload: Sequence[str]) -> ProcessPoolExecutor:
-    """`workers` processes, started now (a no-op task each) so that they boot while the parent runs passes 0
-    and 1. Never fork the parent: it will hold an open HDF5 file, which a child must not inherit. forkserver
-    (POSIX) forks the workers from a clean server that imported the modules `preload` once (the caller's, so
-    ~0.4 s of imports, instead of once per worker with spawn); spawn elsewhere.
+    """`workers` processes, started now (a no-op task each). Never fork the parent: it will hold an open HDF5
+    file, which a child must not inherit. forkserver (POSIX) forks the workers from a clean server that
+    imported the modules `preload` once (the caller's, so ~0.4 s of imports, instead of once per worker with
+    spawn); spawn elsewhere.
 
     Only the parent reacts to Ctrl-C, SIGTERM and SIGHUP, which a terminal and Slurm send to the whole process
     group: it removes its temporary file and stops the workers (`_stop_pool`). The processes started here (the
     workers, and the forkserver and multiprocessing's resource tracker when they start with the pool) are
     started with those signals blocked, a mask they inherit and keep: a worker would print a traceback of its
     own, a killed forkserver leaves its workers unreaped, and a killed tracker (it ignores SIGTERM, not
-    SIGHUP) makes the parent print warnings and tracebacks. The parent's own signal stays pending meanwhile,
-    not lost."""
+    SIGHUP) makes the parent print warnings and tracebacks. The parent's own signal is held until every
+    worker has booted (~0.2 s after the forkserver's ~0.3 s), then delivered: a pool stopped while a worker
+    was still unpickling its queues made that worker fail on their semaphores, with a traceback. (Blocking
+    the signal in this thread does not hold it: the kernel hands it to another thread, and Python runs the
+    handler in the main thread all the same.)"""
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(list(preload))
     else:
         context = multiprocessing.get_context("spawn")
     pool = None
+    signals = (signal.SIGINT, *STOP_SIGNALS)
     try:
-        with _blocked((signal.SIGINT, *STOP_SIGNALS)):
-            pool = ProcessPoolExecutor(workers, mp_context=context, initializer=ignore_stop_signals)
+        with StopFlag(signals) as held, _blocked(signals):
+            booted = context.Semaphore(0)
+            pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                                       initargs=(booted,))
             for _ in range(workers):
                 pool.submit(_worker_ready)
+            for _ in range(workers):
+                # a worker that dies while booting breaks the pool, which the first task then reports
+                booted.acquire(timeout=60)
+        if held.requested:
+            signal.raise_signal(held.signum)       # now, to the caller's handler: it raises here, as a rule
         return pool
-    except BaseException:        # a signal delivered as the mask is lifted: the caller never gets the pool
-        _stop_pool(pool, kill=True)
+    except BaseException:        # the held signal, or an error: the caller never gets the pool
+        _stop_pool(pool)
         raise
 
 
 @contextmanager
 def _blocked(signals) -> Iterator[None]:
     """Block `signals` in this thread and in the threads and processes it starts meanwhile (both inherit the
-    mask); one that arrives is delivered when the block ends. A no-op where POSIX masks do not exist."""
+    mask); one that arrives is delivered when the block ends. A no-op where POSIX masks do not exist.
+
+    multiprocessing's resource tracker, started with the first pool, blocks SIGINT and SIGTERM around its
+    own start and then unblocks them, which undid this block for the forkserver and the workers (they were
+    then killed, or raised KeyboardInterrupt while booting): so it is started first, and the block renewed."""
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _stop_pool(pool: ProcessPoolExecutor | None, *, kill: bool = False) -> None:
-    """Stop the workers and wait for them, so that none outlives the parent. After an error or an interruption
-    (`kill`) they are killed first: a running task would otherwise finish its chunks, and the workers ignore
-    SIGTERM (see `_start_pool`). They hold no file or lock worth saving. Idempotent."""
-    if pool is None:
-        return
-    if kill:
-        # Python 3.14 has pool.kill_workers(); before it, the executor's own table of its processes
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
-            process.kill()
-    pool.shutdown(wait=True, cancel_futures=True)
+def _stop_pool(pool: ProcessPoolExecutor | None) -> None:
+    """Stop the workers and wait for them, so that none outlives the parent: the tasks not yet started are
+    cancelled and each worker finishes the one it holds (TASK_CHUNKS chunks: ~0.1 s at the default chunk
+    size). Not killed: a worker killed while it sends a result leaves half a message in the pipe that the
+    pool's thread reads, and that thread then waits forever, the parent holding the pipe's other end (seen
+    once in a dozen stopped runs). Idempotent."""
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _ThreadReaders:

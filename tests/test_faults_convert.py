@@ -189,8 +189,8 @@ def test_too_little_free_space_is_refused_before_any_file_exists(raw, tmp_path, 
     assert result.exit_code == 1
     mount = C._mount_point(tmp_path)
     assert one_line(result.output) == (f"Error: {out} needs {needed / 1e6:.1f} MB on {mount} (the output's "
-                                       f"file system), {(needed - 1) / 1e6:.1f} MB free; free space or choose "
-                                       f"another OUTPUT")
+                                       f"file system), {(needed - 1) / 1e6:.1f} MB free; free space or "
+                                       f"choose another OUTPUT")
     assert asked == [tmp_path] and list(tmp_path.iterdir()) == []   # not even the directory was made
 
 
