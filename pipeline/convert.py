@@ -33,8 +33,9 @@ row is a hash of seed, file name and row number), and `layout.combine_stats` of 
 statistics of one conversion.
 
 Faults (docs/converter.md, "Faults and interruptions"): SIGTERM and SIGHUP (Slurm's time limit or
-preemption, a closed terminal) take Ctrl-C's path: the temporary file is removed, the workers stopped and
-joined, one line says what was interrupted and the exit status is 128 + the signal's number. After pass 1 the
+preemption, a closed terminal) take Ctrl-C's path: the signal sets a flag polled between files and chunks,
+the temporary file is removed, the workers stopped and joined, one line says what was interrupted and the
+exit status is 128 + the signal's number. After pass 1 the
 output's size is known and checked against the free space of its file system, before the file is created; a
 write that fails later (ENOSPC, EIO, a vanished directory) is one ConvertError naming the output, the bytes
 written and the errno, and the partial file is removed.
@@ -58,7 +59,7 @@ from contextlib import closing, suppress
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import click
 import h5py
@@ -223,16 +224,23 @@ class _Plan:
         return {cut.text: sum(scan.failed[cut.text] for scan in self.scans) for cut in self.cuts}
 
 
+def _checked(items: Iterable, check: Callable[[], None]) -> Iterator:
+    """`items`, calling `check` (a stop signal's poll) after each."""
+    for item in items:
+        check()
+        yield item
+
+
 def _plan(config: ConvertConfig, shard: tuple[int, int] | None, bar_off: bool | None,
-          pool: ProcessPoolExecutor | None = None) -> _Plan:
+          pool: ProcessPoolExecutor | None = None, check: Callable[[], None] = lambda: None) -> _Plan:
     """Pass 0 (footers: schemas, row groups) and pass 1 (scalar columns: cuts, split). A real 150,000-row file
     costs ~1 s of footer and ~5 s of scalars, so large inputs are read file by file in the pool; small ones
     here, while the pool's processes start (~1 s)."""
     files = resolve_inputs(config.inputs)
     big = len(files) > 1 and sum(f.stat().st_size for f in files) > PARALLEL_SCAN_BYTES
     mapper = pool.map if pool is not None and big else map
-    sources = list(tqdm(mapper(_inspect, files), total=len(files), desc="footers", unit="file",
-                        disable=bar_off, leave=False))
+    sources = list(tqdm(_checked(mapper(_inspect, files), check), total=len(files), desc="footers",
+                        unit="file", disable=bar_off, leave=False))
     first = sources[0]
     for s in sources[1:]:
         if list(s.scalars) != list(first.scalars):
@@ -243,8 +251,8 @@ def _plan(config: ConvertConfig, shard: tuple[int, int] | None, bar_off: bool | 
                            f"columns present: {', '.join(first.scalars)}")
     cuts, skipped = _resolve_cuts(config.cuts, config.extra_cuts, sources)
     ranges = _shard_ranges(sources, int(config.chunk_size), shard)
-    scans = list(tqdm(mapper(_scan, sources, *zip(*ranges), [cuts] * len(sources)), total=len(sources),
-                      desc="scan", unit="file", disable=bar_off, leave=False))
+    scans = list(tqdm(_checked(mapper(_scan, sources, *zip(*ranges), [cuts] * len(sources)), check),
+                      total=len(sources), desc="scan", unit="file", disable=bar_off, leave=False))
     if sum(len(scan.rows) for scan in scans) == 0:
         seen = {}
         for scan in scans:
@@ -267,14 +275,18 @@ def _plan(config: ConvertConfig, shard: tuple[int, int] | None, bar_off: bool | 
     return _Plan(sources, ranges, cuts, skipped, scans, codes, labels, columns_used)
 
 
-def convert(config: ConvertConfig) -> ConvertSummary:
+def convert(config: ConvertConfig, *, stop: StopFlag | None = None) -> ConvertSummary:
     """Convert `config.inputs` into `config.output` (see the module docstring); return a summary.
 
     Raises ConvertError for bad options or input, for too little free space on the output's file system
     (checked after pass 1, before the file is created) and for a failed write (ENOSPC, EIO, a vanished
     directory); nothing is written then (nor on any other exception or interruption): the file is built under
-    a temporary name beside the output and renamed at the end. The workers are stopped on every way out."""
+    a temporary name beside the output and renamed at the end. The workers are stopped on every way out.
+
+    `stop` (what the CLI passes) is polled after each file of passes 0-1, each chunk of pass 2 and before the
+    rename; once a signal has set it, `stop.check()` raises KeyboardInterrupt or `Terminated` there."""
     t0 = time.perf_counter()
+    check = stop.check if stop is not None else (lambda: None)
     channels, shard, output = _validate(config)
     created = _created()
     bar_off = None if config.progress is None else not config.progress
@@ -282,7 +294,8 @@ def convert(config: ConvertConfig) -> ConvertSummary:
     pool = None
     try:
         pool = _start_pool(workers, ["pipeline.convert"]) if workers > 1 else None
-        plan = _plan(config, shard, bar_off, pool)
+        check()
+        plan = _plan(config, shard, bar_off, pool, check)
         size = _output_bytes(plan, channels)
         _check_space(output, size)
         try:
@@ -296,12 +309,13 @@ def convert(config: ConvertConfig) -> ConvertSummary:
             with h5py.File(tmp, "w", libver=("v108", "v108")) as h5:
                 _write_labels(h5, plan, channels, written)
                 stats, clipped = _write_images(h5["images"], plan, config, channels, pool, bar_off,
-                                               written)   # pass 2
+                                               written, check)   # pass 2
                 group = h5.create_group("stats")
                 for key, value in stats.items():
                     group.create_dataset(key, data=value)
                 _write_attrs(h5, plan, config, channels, shard, created, clipped)
             _stop_pool(pool)          # before the rename: once OUT exists, nothing may fail or be interrupted
+            check()
             file_bytes = tmp.stat().st_size
             # OUT is whole from the rename on, so a stop signal then is too late to lose anything: it is held
             # until the summary is made and then dropped, and the run ends as it would have.
@@ -412,8 +426,8 @@ def _write_labels(h5: h5py.File, plan: _Plan, channels: tuple[int, ...], written
 
 
 def _write_images(images: h5py.Dataset, plan: _Plan, config: ConvertConfig, channels: tuple[int, ...],
-                  pool: ProcessPoolExecutor | None, bar_off: bool | None, written: _Tally
-                  ) -> tuple[dict, int]:
+                  pool: ProcessPoolExecutor | None, bar_off: bool | None, written: _Tally,
+                  check: Callable[[], None] = lambda: None) -> tuple[dict, int]:
     """Pass 2: decode every chunk (here or in the pool), write it in order, sum the statistics.
     Returns (/stats, clipped count)."""
     c = len(channels)
@@ -424,6 +438,7 @@ def _write_images(images: h5py.Dataset, plan: _Plan, config: ConvertConfig, chan
     with tqdm(total=plan.n, desc="convert", unit="row", disable=bar_off) as bar, \
             closing(_results(chunks, pool, int(config.workers), int(config.threads))) as results:
         for result in results:
+            check()
             if len(buffer) < result.n:
                 buffer = np.zeros((result.n, c, PIXELS), np.float16)
             block = result.dense(buffer)
@@ -564,11 +579,14 @@ def main(inputs, output, channels, cuts, extra_cuts, chunk_size, val_fraction, t
                            extra_cuts=tuple(extra_cuts), chunk_size=chunk_size, val_fraction=val_fraction,
                            test_fraction=test_fraction, seed=seed, clip=clip, force=force, threads=threads,
                            workers=workers, shard=shard)
-    # SIGTERM (Slurm's time limit, preemption) and SIGHUP end the run as Ctrl-C does: one line, 128 + signum
-    with exit_on_interrupt(f"conversion to {output}", "nothing was written and no temporary file is left"):
+    # SIGTERM (Slurm's time limit, preemption) and SIGHUP end the run as Ctrl-C does: one line, 128 + signum.
+    # The signal sets a flag that the conversion polls between chunks (StopFlag.check says why); a second
+    # signal raises at once.
+    with exit_on_interrupt(f"conversion to {output}", "nothing was written and no temporary file is left"), \
+            StopFlag((signal.SIGINT, *STOP_SIGNALS)) as stop:
         try:
             config.channels = parse_channels(channels)
-            summary = convert(config)
+            summary = convert(config, stop=stop)
         except ConvertError as exc:
             raise click.ClickException(str(exc)) from None
     click.echo(summary.describe())

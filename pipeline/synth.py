@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -38,7 +39,7 @@ import pyarrow.parquet as pq
 from click.core import ParameterSource
 from tqdm import tqdm
 
-from pipeline.signals import exit_on_interrupt
+from pipeline.signals import STOP_SIGNALS, StopFlag, exit_on_interrupt
 from pipeline.synth_physics import PROCESSES, SynthError, simulate
 # re-exported: the public names of the physics and the report, importable from pipeline.synth as before
 from pipeline.synth_physics import (eta_phi, four_vector, pileup, render, secondaries,  # noqa: F401
@@ -114,8 +115,10 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_file(path: Path, config: SynthConfig, i_file: int, bar: tqdm | None = None) -> None:
-    """Write file `i_file` of `config` to `path` (via a temp file beside it), chunk by chunk.
+def write_file(path: Path, config: SynthConfig, i_file: int, bar: tqdm | None = None,
+               stop: StopFlag | None = None) -> None:
+    """Write file `i_file` of `config` to `path` (via a temp file beside it), chunk by chunk; `stop` is
+    polled before each chunk (`StopFlag.check`).
 
     Row groups never straddle two write_table calls, so rows left over after the last full group of a
     chunk are carried into the next one: the file has exactly ceil(rows / rows_per_group) groups."""
@@ -125,6 +128,8 @@ def write_file(path: Path, config: SynthConfig, i_file: int, bar: tqdm | None = 
     pending = None
     try:
         for i_chunk, start in enumerate(range(0, config.rows, config.chunk_rows)):
+            if stop is not None:
+                stop.check()
             n = min(config.chunk_rows, config.rows - start)
             events = simulate(config.process, n, chunk_rng(config.seed, i_file, i_chunk))
             table = to_table(events, dtype=config.dtype, legacy_names=config.legacy_names)  # shares memory
@@ -151,7 +156,8 @@ def write_file(path: Path, config: SynthConfig, i_file: int, bar: tqdm | None = 
         tmp.unlink(missing_ok=True)
 
 
-def generate(out_dir, config: SynthConfig, force: bool = False, *, progress: bool = False) -> list[Path]:
+def generate(out_dir, config: SynthConfig, force: bool = False, *, progress: bool = False,
+             stop: StopFlag | None = None) -> list[Path]:
     """Write config.files Parquet files `{process}_synth_{i:03d}.parquet` into out_dir and return their paths;
     `synth_config.json` (asdict(config)) goes beside them.
 
@@ -162,7 +168,7 @@ def generate(out_dir, config: SynthConfig, force: bool = False, *, progress: boo
     write error (SynthError, one line) or an interruption, the files finished before it stay, the one in
     progress is discarded and synth_config.json is not written; with force=True the old files not yet
     replaced and the old synth_config.json are removed then too, once one new file is in place, so that no mix
-    of two data sets remains.
+    of two data sets remains. `stop` (what the CLI passes) is polled before each chunk of rows.
     """
     config.validate()
     out = Path(out_dir)
@@ -180,7 +186,7 @@ def generate(out_dir, config: SynthConfig, force: bool = False, *, progress: boo
         with tqdm(total=config.rows * config.files, unit="row", desc=f"synth {config.process}",
                   disable=None if progress else True) as bar:
             for i_file, target in enumerate(paths):
-                write_file(target, config, i_file, bar)
+                write_file(target, config, i_file, bar, stop)
                 done.append(target)
         target = out
         for stale in set(existing) - set(paths):
@@ -261,12 +267,14 @@ def main(out_dir, process, rows, files, rows_per_group, seed, chunk_rows, dtype,
     config = SynthConfig(process=process, rows=rows, files=files, rows_per_group=rows_per_group, seed=seed,
                          chunk_rows=chunk_rows, dtype=dtype, legacy_names=legacy_names)
     start = time.perf_counter()
-    # SIGTERM (Slurm's time limit, preemption) and SIGHUP end the run as Ctrl-C does: one line, 128 + signum
+    # SIGTERM (Slurm's time limit, preemption) and SIGHUP end the run as Ctrl-C does: one line, 128 + signum;
+    # the signal sets a flag polled between chunks (StopFlag.check says why), a second one raises at once
     with exit_on_interrupt(f"generation of {files} {process} file(s) in {out_dir}",
                            "the files finished before it are whole, the one in progress was discarded, "
-                           "synth_config.json was not written"):
+                           "synth_config.json was not written"), \
+            StopFlag((signal.SIGINT, *STOP_SIGNALS)) as stop:
         try:
-            paths = generate(out_dir, config, force=force, progress=True)
+            paths = generate(out_dir, config, force=force, progress=True, stop=stop)
         except SynthError as exc:
             raise click.ClickException(str(exc)) from None
     seconds = time.perf_counter() - start

@@ -24,6 +24,7 @@ from pipeline import convert as C
 from pipeline import layout
 from pipeline import synth as S
 from pipeline.convert import ConvertConfig, convert
+from pipeline.signals import StopFlag, Terminated
 from pipeline.synth import SynthConfig, SynthError, generate
 from test_convert import make_rows, write_parquet
 
@@ -151,6 +152,24 @@ def test_convert_with_workers_stopped_as_a_process_group_leaves_no_file_and_no_p
     assert group_alive(proc.pid) == []
 
 
+def test_a_stop_request_is_acted_on_at_the_next_chunk(raw, tmp_path, monkeypatch):
+    """What the CLI's signal handler does (it only sets the flag), without a signal: the next chunk raises."""
+    write, calls = C._write_rows, []
+    stop = StopFlag(())                                  # no handlers: request() stands for the signal
+
+    def requesting(images, offset, block):
+        calls.append(offset)
+        if len(calls) == 2:
+            stop.request(signal.SIGTERM)
+        write(images, offset, block)
+
+    monkeypatch.setattr(C, "_write_rows", requesting)
+    with pytest.raises(Terminated):
+        convert(ConvertConfig([str(raw)], str(tmp_path / "o.h5"), cuts="none", chunk_size=2, progress=False),
+                stop=stop)
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
 def test_synth_stopped_keeps_finished_files_and_discards_the_one_in_progress(tmp_path):
     out = tmp_path / "raw"
     proc = start([str(out), "--rows", "150", "--files", "2", "--chunk-rows", "4"], module="pipeline.synth")
@@ -272,11 +291,11 @@ def test_synth_write_error_with_force_leaves_no_mix_of_two_data_sets(tmp_path, m
     generate(tmp_path, SynthConfig(rows=2, files=3, seed=1))
     write, calls = S.write_file, []
 
-    def failing(path, config, i_file, bar=None):
+    def failing(path, config, i_file, bar=None, stop=None):
         calls.append(i_file)
         if i_file == 1:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
-        write(path, config, i_file, bar)
+        write(path, config, i_file, bar, stop)
 
     monkeypatch.setattr(S, "write_file", failing)
     with pytest.raises(SynthError) as info:
