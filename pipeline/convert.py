@@ -35,10 +35,10 @@ statistics of one conversion.
 Faults (docs/converter.md, "Faults and interruptions"): SIGTERM and SIGHUP (Slurm's time limit or
 preemption, a closed terminal) take Ctrl-C's path: the signal sets a flag polled between files and chunks,
 the temporary file is removed, the workers stopped and joined, one line says what was interrupted and the
-exit status is 128 + the signal's number. After pass 1 the
-output's size is known and checked against the free space of its file system, before the file is created; a
-write that fails later (ENOSPC, EIO, a vanished directory) is one ConvertError naming the output, the bytes
-written and the errno, and the partial file is removed.
+exit status is 128 + the signal's number. After pass 1 the output's size is known and checked against the
+free space of its file system, before the file is created; a write that fails later (ENOSPC, EIO, a
+vanished directory) is one ConvertError naming the output, the bytes written and the errno, and the partial
+file is removed.
 
 The converter is four files, each importing only those before it: `pipeline.parquet` (inputs, footers,
 decoding and checking a chunk, float16 rounding, ConvertError), `pipeline.cuts` (presets, the --cut grammar,
@@ -235,7 +235,7 @@ def _plan(config: ConvertConfig, shard: tuple[int, int] | None, bar_off: bool | 
           pool: ProcessPoolExecutor | None = None, check: Callable[[], None] = lambda: None) -> _Plan:
     """Pass 0 (footers: schemas, row groups) and pass 1 (scalar columns: cuts, split). A real 150,000-row file
     costs ~1 s of footer and ~5 s of scalars, so large inputs are read file by file in the pool; small ones
-    here, while the pool's processes start (~1 s)."""
+    here. `check` polls the stop flag after each file."""
     files = resolve_inputs(config.inputs)
     big = len(files) > 1 and sum(f.stat().st_size for f in files) > PARALLEL_SCAN_BYTES
     mapper = pool.map if pool is not None and big else map
