@@ -8,9 +8,11 @@ Loop: massreg.train.train_one_epoch (lr schedule, loss, backward, grad clipping,
 optimizer step) fed three ways, on the same model, optimizer, device, batch and precision:
   model-only  one batch, prepared on the device once (flipped, normalised, aux encoded) and fed again and
               again: the speed of the model and optimizer alone, the ceiling of the loop
-  loop        the trainer's input side: H5Images + ThreadReader (or WorkerReader with --workers) +
-              DevicePrefetcher (reused buffers, flips and normalisation on the device), --shuffle's order
-  old loop    the input side before issue 8: make_loader, numpy flips on the host, engine.forward
+  loop        the trainer's input side: H5Images + ThreadReader (--workers 0) or WorkerReader (--workers N;
+              a list such as 0,2 times each) + DevicePrefetcher (reused buffers, flips and normalisation on
+              the device), --shuffle's order
+  old loop    the input side before issue 8: make_loader, numpy flips on the host, then (as engine.forward
+              did) the whole-batch normaliser (Normalizer._batched: the former forward) on fresh tensors
 Rounds of --steps steps alternate (the order rotated each round), so the load of a shared machine falls on all
 alike; the loop keeps one epoch's iterator across its rounds (steady state, as in training). Printed: the
 median samples/s of each and the median of the per-round ratios against model-only.
@@ -67,7 +69,7 @@ class BenchConfig:
     rounds: int = 5
     steps: int = 20               # steps per timed round
     warmup: int = 3
-    workers: int = 0              # 0: ThreadReader; N: WorkerReader with N processes
+    workers: tuple = (0,)         # loops to time: 0: ThreadReader; N: WorkerReader with N processes
     shuffle: str = "row"
     flips: bool = True
     aux: bool = True
@@ -110,10 +112,12 @@ def bench_loop(c: BenchConfig, path: str) -> dict:
     run = torch.compile(model) if c.compile else model
     d = Dist(device=device)
     spe = EpochBatches(len(train), c.batch_size).steps()
-    reader = (WorkerReader(train, workers=c.workers) if c.workers
-              else ThreadReader(train, pin=device.type == "cuda"))
-    feed = DevicePrefetcher(reader, device, normalizer=norm, aux_scaler=aux_scaler,
-                            flip_seed=c.seed if c.flips else None)
+    feeds = {}
+    for w in c.workers:
+        ds = H5Images(path, "train", aux=aux_names)
+        reader = WorkerReader(ds, workers=w) if w else ThreadReader(ds, pin=device.type == "cuda")
+        feeds["loop" if w == 0 else f"loop, {w} workers"] = DevicePrefetcher(
+            reader, device, normalizer=norm, aux_scaler=aux_scaler, flip_seed=c.seed if c.flips else None)
 
     def epochs(make):                     # an endless stream of batches, epoch after epoch
         for epoch in itertools.count():
@@ -125,38 +129,67 @@ def bench_loop(c: BenchConfig, path: str) -> dict:
                     it.close()
 
     sampler = lambda e: EpochBatches(len(train), c.batch_size, order=c.shuffle, seed=c.seed, epoch=e)  # noqa
-    first = feed.epoch(sampler(10_000), 10_000)        # an epoch the loop does not reach
+    one = next(iter(feeds.values()))
+    first = one.epoch(sampler(10_000), 10_000)          # an epoch the loops do not reach
     fixed = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in next(first).items()}
     first.close()                                       # one epoch of a reader at a time
-    streams = {"model-only": itertools.repeat(fixed), "loop": epochs(lambda e: feed.epoch(sampler(e), e))}
+    streams = {"model-only": itertools.repeat(fixed)}
+    for name, feed in feeds.items():
+        streams[name] = epochs(lambda e, feed=feed: feed.epoch(sampler(e), e))
     if c.old:
         host_flips = H5Images(path, "train", aux=aux_names, flips=c.flips, seed=c.seed)
-        streams["old loop"] = epochs(lambda e: iter(make_loader(host_flips, batch_size=c.batch_size,
-                                                                shuffle=True, seed=c.seed, epoch=e,
-                                                                workers=c.workers)))
+
+        def old_batches(epoch):   # as engine.forward did it: the whole-batch normaliser, fresh tensors
+            for b in make_loader(host_flips, batch_size=c.batch_size, shuffle=True, seed=c.seed, epoch=epoch):
+                aux = (engine.encode_aux(aux_scaler, b["aux"].to(device, non_blocking=True))
+                       if aux_scaler is not None else None)
+                yield {"x": norm._batched(b["images"].to(device, non_blocking=True), None, None, None),
+                       "aux_z": aux, "m": b["m"], "index": b["index"]}
+        streams["old loop"] = epochs(old_batches)
     names = list(streams)
+
+    cpu = {name: [] for name in names}             # samples per CPU-second of this process (its threads)
 
     def run_steps(name: str, n: int) -> float:
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         train_one_epoch(run, itertools.islice(streams[name], n), opt, tc, epoch=1, step=0,
                         steps_per_epoch=max(spe, n), normalizer=norm, target=target, aux_scaler=aux_scaler,
                         d=d, bar=_Bar())
+        _sync(device)
+        cpu[name].append(n * c.batch_size / max(time.process_time() - c0, 1e-9))
+        return time.perf_counter() - t0
+
+    def run_input(name: str, n: int) -> float:     # the input side alone: batches ready on the device
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in itertools.islice(streams[name], n):
+            pass
         _sync(device)
         return time.perf_counter() - t0
 
     for name in names:
         run_steps(name, c.warmup)
     rates = {name: [] for name in names}
+    inputs = {name: [] for name in names[1:]}
     for r in range(c.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             rates[name].append(c.batch_size * c.steps / run_steps(name, c.steps))
+            if name in inputs:
+                inputs[name].append(c.batch_size * c.steps / run_input(name, c.steps))
     for s in streams.values():
         if hasattr(s, "close"):
             s.close()
-    feed.close()
+    for feed in feeds.values():
+        feed.close()
     ratios = {name: [a / b for a, b in zip(rates[name], rates["model-only"])] for name in names}
-    return {"rates": rates, "ratios": ratios,
+    # CPU time: a process descheduled by other users accrues none, so on a shared machine these ratios are
+    # steadier; worker processes' CPU is not counted (their lines say so).
+    cpu_ratios = {name: statistics.median(a / b for a, b in zip(cpu[name][1:],
+                                                                cpu["model-only"][1:]))
+                  for name in names if "workers" not in name}
+    return {"rates": rates, "ratios": ratios, "input_rates": inputs, "cpu_ratio": cpu_ratios,
+            "input_median": {n: statistics.median(v) for n, v in inputs.items()},
             "median": {n: statistics.median(v) for n, v in rates.items()},
             "median_ratio": {n: statistics.median(v) for n, v in ratios.items()}}
 
@@ -221,14 +254,20 @@ def report(c: BenchConfig, out: dict) -> str:
     dev = torch.cuda.get_device_name() if c.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     lines = [f"device: {dev}; torch {torch.__version__}; preset {c.preset}, batch {c.batch_size}, "
              f"{c.channels} channels, bf16={c.bf16} compile={c.compile} flips={c.flips} aux={c.aux} "
-             f"workers={c.workers} shuffle={c.shuffle}; load average {os.getloadavg()[0]:.1f}"]
+             f"shuffle={c.shuffle}; load average {os.getloadavg()[0]:.1f}"]
     if "loop" in out:
         lp = out["loop"]
-        lines.append(f"{'method':<12} {'samples/s':>10} {'x model-only':>13}  rounds (x model-only), "
-                     f"{c.rounds} x {c.steps} steps")
+        lines.append(f"{'method':<17} {'samples/s':>10} {'x model-only':>13} {'cpu-time x':>10}  rounds "
+                     f"(x model-only), {c.rounds} x {c.steps} steps")
         for name, rate in lp["median"].items():
-            lines.append(f"{name:<12} {rate:>10.1f} {lp['median_ratio'][name]:>13.3f}  "
+            cpu = lp["cpu_ratio"].get(name)
+            lines.append(f"{name:<17} {rate:>10.1f} {lp['median_ratio'][name]:>13.3f} "
+                         f"{'-' if cpu is None else format(cpu, '.3f'):>10}  "
                          + ", ".join(f"{x:.2f}" for x in lp["ratios"][name]))
+        lines.append("the input side alone (batches prepared on the device, no model), samples/s:")
+        for name, rate in lp["input_median"].items():
+            lines.append(f"  {name:<15} median {rate:>9.0f}  rounds "
+                         + ", ".join(f"{x:.0f}" for x in lp["input_rates"][name]))
     if "cold" in out:
         cd = out["cold"]
         lines.append(f"cold page cache, {c.cold_batches} batches of {c.batch_size} per round, "
@@ -269,7 +308,8 @@ def ensure_file(path: str | None, rows: int, channels: int, tmpdir: str, seed: i
 @click.option("--rounds", default=BenchConfig.rounds, show_default=True)
 @click.option("--steps", default=BenchConfig.steps, show_default=True, help="Steps per round.")
 @click.option("--warmup", default=BenchConfig.warmup, show_default=True)
-@click.option("--workers", default=0, show_default=True, help="0: reader threads; N: N worker processes.")
+@click.option("--workers", default="0", show_default=True,
+              help="Loops to time, comma-separated: 0 reader threads, N worker processes.")
 @click.option("--shuffle", type=click.Choice(["row", "block"]), default="row", show_default=True)
 @click.option("--flips/--no-flips", default=True, show_default=True)
 @click.option("--aux/--no-aux", default=True, show_default=True)
@@ -288,7 +328,8 @@ def main(preset, device, bf16, compile_, batch_size, channels, rows, cold_rows, 
         raise click.ClickException("--bf16 needs --device cuda")
     c = BenchConfig(preset=preset, device=device, bf16=bf16, compile=compile_, batch_size=batch_size,
                     channels=channels, rows=rows, cold_rows=cold_rows, rounds=rounds, steps=steps,
-                    warmup=warmup, workers=workers, shuffle=shuffle, flips=flips, aux=aux, old=old,
+                    warmup=warmup, workers=tuple(int(w) for w in workers.split(",")), shuffle=shuffle,
+                    flips=flips, aux=aux, old=old,
                     threads=threads, cold_batches=cold_batches, only=only)
     if threads:
         torch.set_num_threads(threads)

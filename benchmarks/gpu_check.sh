@@ -16,6 +16,11 @@
 #   6 model     benchmarks/bench_model.py --device cuda: ours against vit-pytorch, fp32, bf16, bf16 + compile
 #   7 families  the GPU-size hybrid DeepViT and ResNet (bf16, batch 256), and a short training of each on the
 #               step-3 data, evaluated on test: the issue-9 study at GPU scale (not yet run on a GPU)
+#   8 loop      benchmarks/bench_train.py --device cuda (issue 8): the training loop (reader threads and 4
+#               persistent workers, pinned buffers, side-stream copy, flips + normalisation on the GPU)
+#               against the model-only step, seed preset, bf16, batch 256, 4 and 8 channels, page cache warm
+#               (target: loop / model-only >= 0.85 at 4 channels); the default path (--workers 0) trained for
+#               3 epochs at batch 256; cold-cache rows/s of row against block order on this machine's disk
 # Not here: DDP over NCCL, which needs two GPUs (torchrun with one process does not start DDP at all).
 set -u
 LOG=${1:-data/gpu_check}
@@ -45,7 +50,7 @@ print(\"h5py\", h5py.__version__, \"pyarrow\", pyarrow.__version__, \"numpy\", n
 print(\"bf16 supported\", torch.cuda.is_bf16_supported(), \"nccl\", torch.distributed.is_nccl_available())
 '"
 
-step tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_model.py
+step tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_prefetch.py
 
 make_data() {   # 4 files of 2,500 rows, each from its own seed, generated at once (synth uses one core)
     rm -rf "$DATA" && mkdir -p "$DATA/raw" || return 1
@@ -81,6 +86,16 @@ for m in hybrid-seed resnet-wide; do
     step "evaluate_$m" 120 "$PY" -m massreg.evaluate "$DATA/run_$m/best_val_loss.pt" "$DATA/top.h5" \
         --split test --device cuda --amp --out "$DATA/eval_$m"
 done
+
+for ch in 4 8; do
+    step "loop_${ch}ch" 300 "$PY" benchmarks/bench_train.py --device cuda --preset seed --bf16 \
+        --batch-size 256 --channels "$ch" --workers 0,4 --only loop --rounds 5 --steps 20 \
+        --dir "$DATA/bench_train" --json "$LOG/loop_${ch}ch.json"
+done
+step train_threads 240 "$PY" -m massreg.train "$DATA/top.h5" --model seed --epochs 3 --device cuda --amp \
+    --batch-size 256 --run-dir "$DATA/run_threads" --force
+step cold 240 "$PY" benchmarks/bench_train.py --only cold --rounds 3 --dir "$DATA/bench_train" \
+    --json "$LOG/cold.json"
 
 echo "gpu_check: first failing exit status $status (0: all passed); logs in $LOG"
 exit $status

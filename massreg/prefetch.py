@@ -18,11 +18,14 @@ Two readers fill a ring of host buffers (float16 (B, C, 125, 125) each, allocate
 Which is faster is measured by benchmarks/bench_train.py (docs/performance.md); `--workers 0` (the default)
 uses the ThreadReader.
 
-The flips are a pure function of (seed, epoch, global row) (massreg.data.flip_masks), computed here from each
-batch's rows, so any reader, any number of workers or processes, and a resumed run see the same images.
+The flips are a pure function of (seed, epoch, global row) (massreg.data.flip_masks), so any reader, any
+number of workers or processes, and a resumed run see the same images. On CUDA they are applied on the device
+with the normalisation (the host only copies raw float16 rows). On the CPU the device is the host, and the
+cheapest place is the one copy that must happen anyway: the reader copies each row out of the file through a
+reversed view (H5Images.read_into), off the main thread.
 
-On the CPU the DevicePrefetcher is the plain path: no streams, no pinning, no copies beyond the one fused
-flip + normalise pass (Normalizer) into a reused float32 buffer; the reader thread still reads ahead.
+On the CPU the DevicePrefetcher is the plain path: no streams, no pinning, no copies beyond the one cast +
+normalise pass into a reused float32 buffer; the reader thread reads (and flips) ahead.
 """
 from __future__ import annotations
 
@@ -103,8 +106,9 @@ class ThreadReader:
     def close(self) -> None:
         self._ring = None
 
-    def batches(self, sampler):
-        """Host batches (H5Images.read_into dicts + "slot") of `sampler`'s position lists, in its order."""
+    def batches(self, sampler, flips: tuple[int, int] | None = None):
+        """Host batches (H5Images.read_into dicts + "slot") of `sampler`'s position lists, in its order;
+        flipped while read with flips = (seed, epoch) (the CPU path), as stored with None."""
         base, remap = _base(self.dataset)
         base.open()                           # memmaps opened once, here, not raced by the threads
         slots = self.depth + 2
@@ -122,7 +126,7 @@ class ThreadReader:
             _read_ahead(base, remap, ranges)  # block order: the kernel reads whole blocks ahead of use
             if event is not None:
                 event.synchronize()           # the previous batch in this buffer has reached the device
-            batch = base.read_into(pos, ring[slot, :len(pos)])
+            batch = base.read_into(pos, ring[slot, :len(pos)], flips)
             batch["slot"] = slot
             return batch
 
@@ -153,14 +157,14 @@ class _SlotTasks:
     slot k % slots."""
 
     def __init__(self, slots: int):
-        self.slots, self.sampler = slots, None
+        self.slots, self.sampler, self.flips = slots, None, None
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self):
         for k, (idx, ranges) in enumerate(_with_hints(self.sampler)):
-            yield k % self.slots, idx, ranges
+            yield k % self.slots, idx, ranges, self.flips
 
 
 class _RingFetch(Dataset):
@@ -173,11 +177,11 @@ class _RingFetch(Dataset):
         return len(self.base)
 
     def __getitems__(self, task) -> dict:
-        slot, idx, ranges = task
+        slot, idx, ranges, flips = task
         _read_ahead(self.base, self.remap, ranges)
         pos = np.asarray(idx, dtype=np.int64)
         pos = pos if self.remap is None else self.remap[pos]
-        batch = self.base.read_into(pos, self.ring[slot, :len(pos)])
+        batch = self.base.read_into(pos, self.ring[slot, :len(pos)], flips)
         del batch["images"]                   # stays in the shared ring; the main process maps the slot
         batch["slot"] = slot
         return batch
@@ -209,7 +213,8 @@ class WorkerReader:
     def close(self) -> None:
         self._loader, self._ring = None, None   # the persistent workers exit with their iterator
 
-    def batches(self, sampler):
+    def batches(self, sampler, flips: tuple[int, int] | None = None):
+        """As ThreadReader.batches."""
         if self._ring is None or self._ring.shape[1] < sampler.batch_size:
             base, remap = _base(self.dataset)
             self._ring = _ring(self.slots, sampler.batch_size, base, shared=True)
@@ -220,7 +225,7 @@ class WorkerReader:
                                       # its own generator: the workers' base seed is drawn from it, not
                                       # from the global RNG (dropout), so threads and workers train alike
                                       generator=torch.Generator().manual_seed(0))
-        self._tasks.sampler = sampler
+        self._tasks.sampler, self._tasks.flips = sampler, flips
         for batch in self._loader:
             batch["images"] = self._ring[batch["slot"], :len(batch["index"])]
             yield batch
@@ -243,8 +248,11 @@ class DevicePrefetcher:
 
     def epoch(self, sampler: EpochBatches, epoch: int):
         """The batches of `sampler` for `epoch` (which selects the flips), prepared on the device."""
-        host = self.reader.batches(sampler)
-        return self._cuda(host, epoch) if self.device.type == "cuda" else self._cpu(host, epoch)
+        if self.device.type == "cuda":
+            return self._cuda(self.reader.batches(sampler), epoch)
+        # The CPU path: the reader flips while it copies the rows out of the file (no pass of its own).
+        flips = None if self.flip_seed is None else (self.flip_seed, epoch)
+        return self._cpu(self.reader.batches(sampler, flips))
 
     def close(self) -> None:
         self.reader.close()
@@ -261,14 +269,15 @@ class DevicePrefetcher:
             return None
         return torch.as_tensor(self.aux_scaler.encode(aux), dtype=torch.float32, device=aux.device)
 
-    def _cpu(self, host_batches, epoch: int):
-        """The plain path: the fused flip + normalise pass into one of two reused float32 buffers."""
+    def _cpu(self, host_batches):
+        """The plain path: one cast + normalise pass of the (already flipped) rows into one of two reused
+        float32 buffers."""
         for k, host in enumerate(host_batches):
             images = host["images"]                                   # (B, C, H, W) float16, a ring slot
             buf = self._out[k % 2]
             if buf is None or buf.shape[0] < images.shape[0] or buf.shape[1:] != images.shape[1:]:
                 buf = self._out[k % 2] = torch.empty(images.shape, dtype=torch.float32)
-            x = self.normalizer(images, *self._masks(host["row"], epoch), out=buf[:images.shape[0]])
+            x = self.normalizer(images, out=buf[:images.shape[0]])
             self.reader.release(host["slot"])                         # read into x: the slot is free
             yield {"x": x, "aux_z": self._aux(host["aux"]), "m": host["m"], "index": host["index"],
                    "row": host["row"]}
