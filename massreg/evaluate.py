@@ -37,6 +37,7 @@ from massreg.baselines import (CALO_CHANNELS, calo_channels, calo_energy, eta_fr
 from massreg.checkpoint import atomic_write_text
 from massreg.metrics import binned_metrics, constant_baseline, mass_edges, regression_metrics
 from pipeline.layout import SPLITS
+from pipeline.signals import polled
 
 ALL = "all"  # --split all: every row of the files
 
@@ -249,7 +250,7 @@ def knn_baseline(config: EvaluateConfig, eval_mass: np.ndarray, eval_pt: np.ndar
     return pred, block
 
 
-def evaluate(config: EvaluateConfig, *, progress: bool = False) -> dict:
+def evaluate(config: EvaluateConfig, *, progress: bool = False, stop=None) -> dict:
     """Run one evaluation, write its outputs, and return the dict saved as metrics.json."""
     from massreg import engine
     from massreg.data import H5Images, make_loader
@@ -276,8 +277,9 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> dict:
         eval_eta, eta_source, eval_pt = _jet_labels(dataset)
         eval_mass = np.full(len(dataset), np.nan)
         loader = tap = PixelMassTap(loader, dataset.channels, eval_eta, eval_mass)
-    out = engine.predict(restored.model, loader, normalizer=restored.normalizer, target=restored.target,
-                         aux_scaler=restored.aux_scaler, device=device, amp=config.amp, progress=progress)
+    out = engine.predict(restored.model, polled(loader, stop), normalizer=restored.normalizer,
+                         target=restored.target, aux_scaler=restored.aux_scaler, device=device,
+                         amp=config.amp, progress=progress)
     pred, true = out["pred"], out["true"]  # (N,) GeV each
     if not np.all(np.isfinite(pred)):
         raise EvaluateError(f"{int((~np.isfinite(pred)).sum())} of {pred.size} predictions of "
@@ -300,6 +302,8 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False) -> dict:
     bins = bin_table(pred, true, train_mean, edges, knn_pred)
 
     # Plots, bins.csv, then metrics.json last (each atomically): a folder with metrics.json is complete.
+    if stop is not None:
+        stop.check()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         # --force: the old metrics.json goes first; it must never sit beside new plots as if it were theirs
@@ -418,13 +422,14 @@ def main(checkpoint, data, split, out, batch_size, device, amp, workers, n_bins,
     kNN physics baseline."""
     from massreg.checkpoint import CheckpointError
     from massreg.data import LayoutError
-    from pipeline.signals import exit_on_interrupt
+    from pipeline.signals import exit_on_interrupt, stop_on_signals
     config = EvaluateConfig(checkpoint=checkpoint, data=list(data), split=split, out=out,
                             batch_size=batch_size, device=device, amp=amp, workers=workers, n_bins=n_bins,
                             max_mae_ratio=max_mae_ratio, force=force, knn=knn, knn_train_rows=knn_train_rows)
-    with exit_on_interrupt(f"evaluation of {checkpoint}", "no metrics.json was written (it is written last)"):
+    outcome = "no metrics.json was written (it is written last)"
+    with exit_on_interrupt(f"evaluation of {checkpoint}", outcome), stop_on_signals() as stop:
         try:
-            report = evaluate(config, progress=sys.stderr.isatty())
+            report = evaluate(config, progress=sys.stderr.isatty(), stop=stop)
             click.echo(format_report(report))
             check_bound(report, max_mae_ratio)
         except (EvaluateError, CheckpointError, LayoutError, OSError) as exc:

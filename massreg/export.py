@@ -204,11 +204,13 @@ def _trace(deployed: Deployed, feeds: dict, tmp: Path, opset: int) -> None:
                           do_constant_folding=True)
 
 
-def export(config: ExportConfig) -> dict:
+def export(config: ExportConfig, *, stop=None) -> dict:
     """Export config.checkpoint to config.out (+ model.json beside it); returns the model.json dict.
 
     Writes nothing unless onnx.checker accepts the graph and ONNX Runtime agrees with PyTorch on a check
-    batch; both files are written under temporary names and renamed into place."""
+    batch; both files are written under temporary names and renamed into place. `stop` (a StopFlag) is
+    polled between the steps."""
+    check = stop.check if stop is not None else (lambda: None)
     try:
         import onnx
         import onnxruntime as ort
@@ -232,6 +234,7 @@ def export(config: ExportConfig) -> dict:
     try:
         t0 = time.perf_counter()
         _trace(deployed, feeds, tmp, config.opset)
+        check()
         meta["export_seconds"] = round(time.perf_counter() - t0, 3)
         # Checker and session read the traced file itself: serialising a 160 MB graph costs ~0.6 s a time.
         try:
@@ -240,6 +243,7 @@ def export(config: ExportConfig) -> dict:
             raise ExportError(f"{config.checkpoint}: the exported graph fails onnx.checker "
                               f"({str(exc).splitlines()[0]}); please report this with the model_config"
                               ) from None
+        check()
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         got = session.run([MASS], {k: v for k, v in feeds.items()})[0]
         with torch.no_grad():
@@ -256,6 +260,7 @@ def export(config: ExportConfig) -> dict:
         entry = graph.metadata_props.add()
         entry.key, entry.value = "massreg", meta_json
         graph.doc_string = f"massreg mass regressor from {config.checkpoint}: raw images (and aux) -> GeV"
+        check()
         _write_both(out, graph.SerializeToString(), config.json_path(), meta_json + "\n")
     except OSError as exc:  # the trace's own file: a full disk, a vanished folder
         raise ExportError(f"{out}: writing failed ({exc.strerror or exc}); nothing was written") from None
@@ -360,12 +365,12 @@ def main(checkpoint, out, opset, check_batch, force):
       python -m massreg.export runs/top/best_val_loss.pt --out deploy/top_mass.onnx
       python -m massreg.predict --onnx deploy/top_mass.onnx data/raw/ --out check.csv
     """
-    from pipeline.signals import exit_on_interrupt
+    from pipeline.signals import exit_on_interrupt, stop_on_signals
 
     config = ExportConfig(checkpoint=checkpoint, out=out, opset=opset, check_batch=check_batch, force=force)
-    with exit_on_interrupt(f"export of {checkpoint}"):
+    with exit_on_interrupt(f"export of {checkpoint}"), stop_on_signals() as stop:
         try:
-            meta = export(config)
+            meta = export(config, stop=stop)
         except (ExportError, OSError) as exc:
             raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {out} and {config.json_path()} (opset {meta['opset']}, "

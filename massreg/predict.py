@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from massreg.checkpoint import atomic_write, atomic_write_text
 from massreg.evaluate import EvaluateError, check_channels, load_model, resolve_device
 from pipeline.layout import COLUMN_ALIASES, SPLITS
+from pipeline.signals import StopFlag, polled
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 PARQUET_MAGIC = b"PAR1"
@@ -265,8 +266,8 @@ def onnx_predictor(config: PredictConfig) -> Predictor:
 
 
 def predict_file(path: str, kind: str, model: Predictor, config: PredictConfig, *,
-                 progress: bool) -> pd.DataFrame:
-    """Predictions for one input as a DataFrame with COLUMNS."""
+                 progress: bool, stop: StopFlag | None = None) -> pd.DataFrame:
+    """Predictions for one input as a DataFrame with COLUMNS; `stop` is polled before each batch."""
     aux_names = model.aux_names
     if kind == "hdf5":
         from massreg.data import H5Images, make_loader
@@ -278,7 +279,7 @@ def predict_file(path: str, kind: str, model: Predictor, config: PredictConfig, 
         check_channels(model.channels, ds.channels, path, model=model.name)
         loader = make_loader(ds, batch_size=config.batch_size, shuffle=False, seed=0, workers=config.workers)
         with tqdm(total=len(ds), desc=Path(path).name, unit="row", disable=not progress) as bar:
-            out = model.run(counted(loader, bar))
+            out = model.run(polled(counted(loader, bar), stop))
         _, row = ds.locate(out["index"])                    # (N,) row of /images in this file
         m_true = ds.label("m")[out["index"]].astype(np.float64)  # float64, not the loader's float32
     else:
@@ -295,9 +296,9 @@ def predict_file(path: str, kind: str, model: Predictor, config: PredictConfig, 
         record = {"row": [], "m": []}
         total = None if rows is None else int(rows.size)
         with tqdm(total=total, desc=Path(path).name, unit="row", disable=not progress) as bar:
-            out = model.run(parquet_batches(
+            out = model.run(polled(parquet_batches(
                 path, channels=channels, aux_names=aux_names, batch_size=config.batch_size,
-                chunk_size=config.chunk_size, clip=config.clip, rows=rows, record=record, bar=bar))
+                chunk_size=config.chunk_size, clip=config.clip, rows=rows, record=record, bar=bar), stop))
         all_rows = np.concatenate(record["row"]) if record["row"] else np.zeros(0, np.int64)
         all_m = np.concatenate(record["m"]) if record["m"] else np.zeros(0)
         row, m_true = all_rows[out["index"]], all_m[out["index"]]
@@ -326,12 +327,15 @@ def _write_table(df: pd.DataFrame, out: Path, meta: dict) -> None:
     atomic_write(out, lambda fh: pq.write_table(table, fh))
 
 
-def predict(config: PredictConfig, *, progress: bool = False) -> pd.DataFrame:
-    """Predict every input, write config.out (+ its .json beside it), and return the table."""
+def predict(config: PredictConfig, *, progress: bool = False, stop: StopFlag | None = None) -> pd.DataFrame:
+    """Predict every input, write config.out (+ its .json beside it), and return the table.
+
+    `stop` (a StopFlag set by SIGTERM and friends) is polled between batches and before writing."""
     config.validate()
     inputs = expand_inputs(config.inputs)
     model = onnx_predictor(config) if config.onnx is not None else torch_predictor(config)
-    frames = [predict_file(path, kind, model, config, progress=progress) for path, kind in inputs]
+    frames = [predict_file(path, kind, model, config, progress=progress, stop=stop)
+              for path, kind in polled(inputs, stop)]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COLUMNS))
     if not df["m_true"].notna().any():
         # no input had a mass: leave the column out rather than fill it with NaN
@@ -343,6 +347,8 @@ def predict(config: PredictConfig, *, progress: bool = False) -> pd.DataFrame:
     if out.exists() and not config.force:  # checked again: it may have appeared while we worked
         raise PredictError(f"--out {out} exists; pass --force to replace it")
     side = out.with_name(out.name + ".json")
+    if stop is not None:
+        stop.check()
     try:
         atomic_write_text(side, json.dumps(meta, indent=2, default=str) + "\n")
         _write_table(df, out, meta)
@@ -391,14 +397,14 @@ def main(args, out, onnx, split, cuts, extra_cuts, clip, chunk_size, batch_size,
     from massreg.checkpoint import CheckpointError
     from massreg.data import LayoutError
     from pipeline.parquet import ConvertError
-    from pipeline.signals import exit_on_interrupt
+    from pipeline.signals import exit_on_interrupt, stop_on_signals
     checkpoint, inputs = (None, list(args)) if onnx is not None else (args[0], list(args[1:]))
     config = PredictConfig(checkpoint=checkpoint, onnx=onnx, inputs=inputs, out=out, split=split, cuts=cuts,
                            extra_cuts=tuple(extra_cuts), clip=clip, chunk_size=chunk_size,
                            batch_size=batch_size, device=device, amp=amp, workers=workers, force=force)
-    with exit_on_interrupt(f"prediction to {out}"):
+    with exit_on_interrupt(f"prediction to {out}"), stop_on_signals() as stop:
         try:
-            df = predict(config, progress=sys.stderr.isatty())
+            df = predict(config, progress=sys.stderr.isatty(), stop=stop)
         except (PredictError, EvaluateError, CheckpointError, LayoutError, ConvertError, OSError) as exc:
             raise click.ClickException(str(exc)) from None
     per = df.groupby("source", sort=False).size()

@@ -1,17 +1,19 @@
 """Stop signals from batch systems, turned into the clean path Ctrl-C already takes.
 
-Slurm sends SIGTERM at a time limit or on preemption (then SIGKILL after a grace period), HTCondor on eviction,
-and a closed terminal sends SIGHUP. Python's default for both is to die at once, skipping every `finally`, so
-temporary files stay behind. Ctrl-C instead raises KeyboardInterrupt, which our writers already clean up after.
+Slurm sends SIGTERM at a time limit or on preemption (then SIGKILL after a grace period), HTCondor on
+eviction, and a closed terminal sends SIGHUP. Python's default for both is to die at once, skipping every
+`finally`, so temporary files stay behind. Ctrl-C raises KeyboardInterrupt, which our writers clean up after.
 
 Two ways to take a signal:
-- `raise_on_signals()`: the signal raises `Terminated` (a KeyboardInterrupt) in the main thread, so every
-  `finally` and `except KeyboardInterrupt` that handles Ctrl-C handles SIGTERM the same way. For commands whose
-  work is worthless if cut short (convert, synth, evaluate, predict, export).
-- `StopFlag`: the signal only sets a flag that a loop polls, so a training step can finish and a checkpoint
-  be written at that step. A second signal raises `Terminated`: a user who insists is not kept waiting.
+- `StopFlag`: the signal only sets a flag that the work polls between two pieces of it (`check()`, or
+  `polled(items, flag)` around a loop), which then raises `Terminated` (a KeyboardInterrupt; plain
+  KeyboardInterrupt for Ctrl-C) there, so every `finally` that handles Ctrl-C handles SIGTERM the same way.
+  A second signal raises at once: a user who insists is not kept waiting. Every command that writes uses it
+  (convert, synth, evaluate, predict, export; training finishes its step and checkpoints there).
+- `raise_on_signals()`: the signal raises `Terminated` wherever the interpreter is. Simpler, but such an
+  exception can land in a weakref callback, which prints and drops it (StopFlag.check says more).
 
-`exit_on_interrupt(what)` is the one-line message and the exit status for a command's `main`.
+`exit_on_interrupt(what, outcome)` is the one-line message and the exit status for a command's `main`.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import click
 
@@ -65,7 +67,8 @@ def _handlers(handler, signals) -> Iterator[None]:
 
 @contextmanager
 def raise_on_signals(signals=STOP_SIGNALS) -> Iterator[None]:
-    """Within the block, `signals` raise `Terminated` in the main thread, as SIGINT raises KeyboardInterrupt."""
+    """Within the block, `signals` raise `Terminated` in the main thread, as SIGINT raises
+    KeyboardInterrupt."""
     with _handlers(_raise, signals):
         yield
 
@@ -107,6 +110,30 @@ class StopFlag:
 
     def __exit__(self, *exc) -> None:
         self._ctx.__exit__(*exc)
+
+
+class polled:
+    """`items`, with `stop.check()` before each: a stop signal ends the loop between two items. Keeps the
+    len() of `items` where it has one (a progress bar's total)."""
+
+    def __init__(self, items: Iterable, stop: "StopFlag | None"):
+        self.items, self.stop = items, stop
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator:
+        for item in self.items:
+            if self.stop is not None:
+                self.stop.check()
+            yield item
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    """A StopFlag for Ctrl-C, SIGTERM and SIGHUP, for a command's work to poll (with exit_on_interrupt)."""
+    with StopFlag((signal.SIGINT, *STOP_SIGNALS)) as stop:
+        yield stop
 
 
 def ignore_stop_signals() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import time
 
 import pytest
 from click.testing import CliRunner
@@ -24,14 +23,13 @@ def setup(tmp_path_factory):
     return d, data, ckpt
 
 
-def stop_with(signum):
-    """A stand-in for a step of the work that receives `signum` from outside (as Slurm sends it) and
-    would go on working."""
-    def work(*args, **kwargs):
+def signal_during(work, signum):
+    """`work`, receiving `signum` from outside (as Slurm sends it) as it starts; it goes on, and the command
+    must stop at its next poll, before anything is written."""
+    def signalled(*args, **kwargs):
         os.kill(os.getpid(), signum)
-        time.sleep(5)                        # the handler interrupts this at once
-        raise AssertionError("the signal did not stop the work")
-    return work
+        return work(*args, **kwargs)
+    return signalled
 
 
 def full_disk(*args, **kwargs):
@@ -56,7 +54,7 @@ def test_predict_stopped_by_a_signal_writes_nothing(setup, tmp_path, monkeypatch
     import massreg.predict as predict
 
     _, data, ckpt = setup
-    monkeypatch.setattr(predict, "predict_file", stop_with(signum))
+    monkeypatch.setattr(predict, "counted", signal_during(predict.counted, signum))
     result = invoke(predict.main, [ckpt, data, "--out", tmp_path / "p.csv"])
     one_line(result, 128 + signum, "prediction to", signal.Signals(signum).name)
     assert list(tmp_path.iterdir()) == []
@@ -74,11 +72,11 @@ def test_predict_on_a_full_disk_is_one_line(setup, tmp_path, monkeypatch):
 
 
 def test_evaluate_stopped_by_sigterm_leaves_no_metrics(setup, tmp_path, monkeypatch):
+    import massreg.engine as engine
     import massreg.evaluate as evaluate
-    import massreg.plots as plots
 
     _, data, ckpt = setup
-    monkeypatch.setattr(plots, "plot_predictions", stop_with(signal.SIGTERM))
+    monkeypatch.setattr(engine, "predict", signal_during(engine.predict, signal.SIGTERM))
     result = invoke(evaluate.main, [ckpt, data, "--out", tmp_path / "ev"])
     one_line(result, 143, "evaluation of", "SIGTERM", "no metrics.json")
     assert not (tmp_path / "ev" / "metrics.json").exists()
@@ -103,7 +101,7 @@ def test_export_stopped_by_sigterm_writes_nothing(setup, tmp_path, monkeypatch):
     import massreg.export as export
 
     _, _, ckpt = setup
-    monkeypatch.setattr(export, "_trace", stop_with(signal.SIGTERM))
+    monkeypatch.setattr(export, "_trace", signal_during(export._trace, signal.SIGTERM))
     result = invoke(export.main, [ckpt, "--out", tmp_path / "m.onnx"])
     one_line(result, 143, "export of", "SIGTERM", "no output was written")
     assert list(tmp_path.iterdir()) == []
