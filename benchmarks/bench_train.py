@@ -65,7 +65,7 @@ class BenchConfig:
     batch_size: int = 64
     channels: int = 4
     rows: int = 6000              # rows of the generated file (loop); --cold uses max(rows, cold_rows)
-    cold_rows: int = 16000        # ~2 GB at 4 channels: random rows rarely share a readahead window
+    cold_rows: int = 32000        # 4 GB at 4 channels: a round reads 1,280 rows, ~4 % of the file
     rounds: int = 5
     steps: int = 20               # steps per timed round
     warmup: int = 3
@@ -75,7 +75,7 @@ class BenchConfig:
     aux: bool = True
     old: bool = True              # also time the input side before issue 8
     threads: int = 0
-    cold_batches: int = 40
+    cold_batches: int = 20
     only: str = "all"             # all | loop | cold
     file: str | None = None
     seed: int = 0
