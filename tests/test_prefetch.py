@@ -60,6 +60,21 @@ def test_device_flips_equal_numpy_flips_with_the_masks_of_flip_masks(shards, mod
     np.testing.assert_array_equal(got.numpy(), norm(old.__getitems__(np.arange(len(ds)))["images"]).numpy())
 
 
+def test_read_into_flips_while_reading_any_order_and_duplicates(shards):
+    ds = H5Images(shards, None)
+    idx = np.array([40, 3, 3, 65, 0, 37, 12, 40])            # unsorted, duplicates, both files
+    plain = ds.__getitems__(idx)
+    out = torch.empty_like(plain["images"])
+    got = ds.read_into(idx, out, flips=(9, 1))
+    assert got["images"] is out
+    eta, phi = D.flip_masks(9, 1, plain["row"].numpy())
+    want = [np.flip(np.flip(img, 1) if e else img, 2) if p else (np.flip(img, 1) if e else img)
+            for img, e, p in zip(plain["images"].numpy(), eta, phi)]
+    np.testing.assert_array_equal(out.numpy().view(np.uint16), np.stack(want).view(np.uint16))
+    for k in ("m", "index", "row"):
+        assert torch.equal(got[k], plain[k])
+
+
 def test_normalizer_writes_into_a_given_buffer(shards):
     ds = H5Images(shards, "val")
     norm = Normalizer.from_stats(ds.stats, "reference", ds.channels)
