@@ -57,8 +57,12 @@ HINT_AHEAD = 8    # batches: the blocks of batch k + 8 are asked for while batch
 def _with_hints(sampler, ahead: int = HINT_AHEAD):
     """(positions, block ranges to read ahead now) per batch of `sampler`: the whole blocks (EpochBatches.
     block_ranges; none in row order) of the batch `ahead` steps later, each block once."""
-    batches = list(sampler)                       # position lists: small next to the images they name
     ranges_of = getattr(sampler, "block_ranges", None)
+    if ranges_of is None or getattr(sampler, "order", None) != "block":
+        for idx in sampler:                       # nothing to read ahead: stay lazy
+            yield idx, []
+        return
+    batches = list(sampler)                       # position lists: small next to the images they name
     seen: set = set()
 
     def new(k: int) -> list:
