@@ -41,6 +41,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, 
                               Subset, get_worker_info)
 
 from pipeline import layout
+from pipeline.signals import ignore_stop_signals
 
 CLIP_CHANNELS = ("dz", "d0")  # impact parameters: clipped to +-1 after the reference scale (CONTEXT.md)
 NORM_MODES = ("stats", "reference")
@@ -600,7 +601,8 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, 
     return DataLoader(dataset, batch_sampler=batches, collate_fn=_whole_batch, num_workers=workers,
                       pin_memory=torch.cuda.is_available(),
                       multiprocessing_context=multiprocessing_context if workers else None,
-                      prefetch_factor=prefetch_factor if workers else None, persistent_workers=False)
+                      prefetch_factor=prefetch_factor if workers else None, persistent_workers=False,
+                      worker_init_fn=ignore_stop_signals if workers else None)  # the parent stops them
 
 
 # ----------------------------------------------------------------------------------------------------------

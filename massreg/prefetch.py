@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from massreg.data import EpochBatches, H5Images, flip_masks
 from pipeline import layout
+from pipeline.signals import ignore_stop_signals
 
 
 def _base(dataset) -> tuple[H5Images, np.ndarray | None]:
@@ -226,6 +227,8 @@ class WorkerReader:
                                       collate_fn=_whole, num_workers=self.workers, persistent_workers=True,
                                       prefetch_factor=self.prefetch_factor,
                                       multiprocessing_context=self.context,
+                                      # a stop signal is the trainer's to handle: it ends the workers
+                                      worker_init_fn=ignore_stop_signals,
                                       # its own generator: the workers' base seed is drawn from it, not
                                       # from the global RNG (dropout), so threads and workers train alike
                                       generator=torch.Generator().manual_seed(0))

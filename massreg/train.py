@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from massreg import checkpoint as ck
 from massreg import engine
 from massreg.config import PRESETS, describe
+from massreg.stopping import EpochProgress, StepGate
 
 if TYPE_CHECKING:  # annotations only: the data and model modules load when a run starts
     from torch.utils.data import Dataset
@@ -98,6 +100,7 @@ class TrainConfig:
     seed: int = 0
     max_train_samples: int | None = None
     eval_every: int = 1
+    checkpoint_every_minutes: float = 0.0  # also write last.pt inside an epoch this often; 0: at epoch ends
     resume: str | None = None
     force: bool = False
 
@@ -125,7 +128,7 @@ CHOICES = {"recipe": tuple(RECIPES), "optimizer": ("adam", "adamw"),
 # Options that may change when a run is resumed: they change where and how fast it runs, not what it computes
 # (epochs may grow; with a cosine schedule that stretches the remaining decay).
 RESUME_MUTABLE = {"device", "amp", "compile", "workers", "eval_every", "epochs", "resume", "force", "run_dir",
-                  "data"}
+                  "data", "checkpoint_every_minutes"}
 
 
 def build_config(recipe: str = "default", **overrides) -> TrainConfig:
@@ -158,7 +161,7 @@ def validate(c: TrainConfig) -> None:
     for name, value in positive.items():
         if not value > 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    for name in ("weight_decay", "grad_clip", "workers"):
+    for name in ("weight_decay", "grad_clip", "workers", "checkpoint_every_minutes"):
         if getattr(c, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
     if not 0 <= c.warmup_fraction < 1 or not 0 <= c.min_lr_ratio <= 1:
@@ -340,16 +343,20 @@ def check_same_data(ckpt: dict, info: list[dict], source: str) -> None:
 # ---------------------------------------------------------------- the loop
 
 def train_one_epoch(model, loader, optimizer, c: TrainConfig, *, epoch: int, step: int, steps_per_epoch: int,
-                    normalizer, target, aux_scaler, d: Dist, bar,
-                    start_step: int = 0) -> tuple[float, int, int]:
+                    normalizer, target, aux_scaler, d: Dist, bar, start_step: int = 0, loss_sum: float = 0.0,
+                    count: int = 0, gate: StepGate | None = None,
+                    checkpoint=None) -> tuple[float, int, int, bool]:
     """One pass over the train batches (DevicePrefetcher's, or a plain loader's), from batch `start_step` of
-    the epoch. Returns (mean train loss over this rank's samples, samples, next step).
+    the epoch, the loss sum and sample count of the batches before it carried in. Returns (train loss summed
+    over this rank's samples, samples, next step, stopped by a signal).
 
+    After each step the gate (if any) is polled: a checkpoint due or a stop signal calls
+    checkpoint(batches done in the epoch, step, loss sum, count); a stop then ends the epoch early.
     Raises TrainingError on a non-finite loss or gradient before the optimizer step, so the weights stay
     finite.
     """
     model.train()
-    total, count = 0.0, 0
+    total = loss_sum
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = c.grad_clip if c.grad_clip > 0 else float("inf")
     for i, batch in enumerate(loader, start_step):
@@ -376,7 +383,14 @@ def train_one_epoch(model, loader, optimizer, c: TrainConfig, *, epoch: int, ste
         count += n
         bar.update(1)
         bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.2e}", refresh=False)
-    return (total / count if count else float("nan")), count, step
+        if gate is not None:
+            stop, due = gate.poll()
+            # A save due at the epoch's last batch waits for the epoch's own checkpoint, a moment later.
+            if stop or (due and i + 1 < steps_per_epoch):
+                checkpoint(i + 1, step, total, count)
+            if stop:
+                return total, count, step, True
+    return total, count, step, False
 
 
 def validate_epoch(model, loader, c: TrainConfig, *, normalizer, target, aux_scaler, d: Dist) -> dict:
@@ -428,6 +442,7 @@ class RunState:
     step: int                       # optimizer steps taken by this process
     best: dict                      # val_loss, val_mre and the epochs they were reached at
     history: list[dict]             # one metrics row per completed epoch
+    progress: EpochProgress | None = None  # of epoch s.epoch + 1, when last.pt was written inside it
 
     @property
     def run_dir(self) -> Path:
@@ -488,7 +503,7 @@ def build_state(config: TrainConfig, data: RunData, ckpt: dict | None, d: Dist) 
     torch.manual_seed(config.seed)
     raw_model = build_model(mcfg).to(d.device)
     optimizer = make_optimizer(config, raw_model)
-    epoch, step, best, history = restore(config, ckpt, raw_model, optimizer, d)
+    epoch, step, best, history, progress = restore(config, ckpt, raw_model, optimizer, d)
 
     model = torch.compile(raw_model) if config.compile else raw_model
     eval_model = model                      # validation runs outside DDP: no gradient sync needed
@@ -510,17 +525,24 @@ def build_state(config: TrainConfig, data: RunData, ckpt: dict | None, d: Dist) 
                             flip_seed=config.seed if config.flips else None)
     return RunState(config=config, d=d, data=data, mcfg=mcfg, raw_model=raw_model, model=model,
                     eval_model=eval_model, optimizer=optimizer, steps_per_epoch=steps_per_epoch,
-                    val_loader=val_loader, feed=feed, epoch=epoch, step=step, best=best, history=history)
+                    val_loader=val_loader, feed=feed, epoch=epoch, step=step, best=best, history=history,
+                    progress=progress)
 
 
-def restore(config: TrainConfig, ckpt: dict | None, raw_model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer, d: Dist) -> tuple[int, int, dict, list[dict]]:
-    """(epoch, step, best, history) of a new run, or those of last.pt with its weights, optimizer state and
-    RNG state loaded."""
+def restore(config: TrainConfig, ckpt: dict | None, raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            d: Dist) -> tuple[int, int, dict, list[dict], EpochProgress | None]:
+    """(epoch, step, best, history, progress) of a new run, or those of last.pt with its weights, optimizer
+    state and RNG state loaded (progress: of the epoch last.pt was written inside, else None)."""
     if ckpt is None:
         torch.manual_seed(config.seed + d.rank)  # dropout masks differ between ranks
         best = {"val_loss": math.inf, "val_mre": math.inf, "epoch_val_loss": None, "epoch_mre": None}
-        return 0, 0, best, []
+        return 0, 0, best, [], None
+    progress = EpochProgress.from_dict(ckpt.get("epoch_progress"))
+    if progress is not None and len(progress.counts) != d.world:
+        # The epoch's batches are split over the ranks: its rest only exists for the same number of them.
+        raise ConfigError(f"{config.resume}/last.pt was written inside epoch {int(ckpt['epoch']) + 1} by "
+                          f"{len(progress.counts)} process(es); resume it with {len(progress.counts)}, not "
+                          f"{d.world}")
     try:
         raw_model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
@@ -531,7 +553,7 @@ def restore(config: TrainConfig, ckpt: dict | None, raw_model: torch.nn.Module,
     history = [dict(r) for r in ckpt["metrics_history"]]
     rng = ckpt["rng"]
     ck.restore_rng(rng["ranks"][d.rank] if rng.get("ranks") and len(rng["ranks"]) == d.world else rng)
-    return epoch, step, best, history
+    return epoch, step, best, history, progress
 
 
 def write_run_config(s: RunState, *, new_run: bool) -> None:
@@ -552,42 +574,59 @@ def write_run_config(s: RunState, *, new_run: bool) -> None:
         dist.barrier()
 
 
-def train_epoch(s: RunState) -> dict:
-    """Train epoch s.epoch + 1 and count it done; its metrics row (train loss averaged over all ranks)."""
+def train_epoch(s: RunState, gate: StepGate | None = None) -> dict | None:
+    """Train epoch s.epoch + 1 (from where a mid-epoch last.pt left it) and count it done; its metrics row
+    (train loss averaged over all ranks). None: a stop signal ended it, last.pt holds the step it ended at."""
     from tqdm.auto import tqdm
 
     from massreg.data import EpochBatches
 
     config, d, data = s.config, s.d, s.data
+    done = s.progress or EpochProgress(loss_sums=(0.0,) * d.world, counts=(0,) * d.world)
     # The batches and the flips of this epoch: functions of (seed, epoch, step), split over the ranks.
     batches = EpochBatches(len(data.fit_set), config.batch_size, order=config.shuffle, seed=config.seed,
-                           epoch=s.epoch, rank=d.rank, world=d.world)
+                           epoch=s.epoch, rank=d.rank, world=d.world, start_step=done.batches)
     assert batches.steps() == s.steps_per_epoch, (batches.steps(), s.steps_per_epoch)
     loader = s.feed.epoch(batches, s.epoch)
-    bar = tqdm(total=s.steps_per_epoch, desc=f"epoch {s.epoch + 1}/{config.epochs}", unit="step",
-               file=sys.stderr, leave=False, disable=True if not d.main else None)
+    bar = tqdm(total=s.steps_per_epoch, initial=done.batches, desc=f"epoch {s.epoch + 1}/{config.epochs}",
+               unit="step", file=sys.stderr, leave=False, disable=True if not d.main else None)
+
+    def checkpoint(batches_done: int, step: int, loss_sum: float, count: int) -> None:
+        s.step = step
+        sums = [(loss_sum, count)]
+        if d.world > 1:
+            sums = [None] * d.world
+            dist.all_gather_object(sums, (loss_sum, count))
+        s.progress = EpochProgress(batches_done, tuple(x[0] for x in sums), tuple(x[1] for x in sums))
+        save_progress(s)
+        gate.saved()
+
     t0 = time.perf_counter()
     try:
-        train_loss, n_seen, s.step = train_one_epoch(
+        loss_sum, n_seen, s.step, stopped = train_one_epoch(
             s.model, loader, s.optimizer, config, epoch=s.epoch + 1, step=s.step,
             steps_per_epoch=s.steps_per_epoch, normalizer=data.normalizer, target=data.target,
-            aux_scaler=data.aux_scaler, d=d, bar=bar)
+            aux_scaler=data.aux_scaler, d=d, bar=bar, start_step=done.batches,
+            loss_sum=done.loss_sums[d.rank], count=done.counts[d.rank], gate=gate, checkpoint=checkpoint)
     except TrainingError as exc:
         kept = f"{s.run_dir}/last.pt (epoch {s.epoch})" if s.epoch > 0 else "none (this was the first epoch)"
         raise TrainingError(f"{exc}; last good checkpoint: {kept}. Try a lower --lr or check the data") \
             from None
     finally:
-        loader.close()    # an epoch stopped early (non-finite loss) ends its reader threads now
+        loader.close()    # an epoch stopped early (a signal, a non-finite loss) ends its reader threads now
         bar.close()
+    if stopped:
+        return None
     seconds = time.perf_counter() - t0
+    n_now = n_seen - done.counts[d.rank]   # samples trained in this process (not before a resume)
+    sums = torch.tensor([loss_sum, n_seen, n_now], dtype=torch.float64)
     if d.world > 1:
-        sums = torch.tensor([train_loss * n_seen, n_seen], dtype=torch.float64)
         dist.all_reduce(sums)
-        train_loss, n_seen = (sums[0] / sums[1]).item(), int(sums[1].item())
     s.epoch += 1
-    return {"epoch": s.epoch, "train_loss": train_loss,
+    s.progress = None
+    return {"epoch": s.epoch, "train_loss": (sums[0] / sums[1]).item(),
             "lr": lr_at(config, s.epoch * s.steps_per_epoch - 1, s.steps_per_epoch),  # the epoch's last
-            "seconds": round(seconds, 3), "samples_per_s": round(n_seen / seconds, 2)}
+            "seconds": round(seconds, 3), "samples_per_s": round(sums[2].item() / seconds, 2)}
 
 
 def validate_and_rank(s: RunState, row: dict) -> tuple[bool, bool]:
@@ -634,7 +673,25 @@ def checkpoint_payload(s: RunState) -> dict:
                 "std": [float(stats[f"{a}_std"]) for a in aux_names]},
         "data": {"paths": [x["path"] for x in data.info], "sizes": [x["size"] for x in data.info],
                  "channels": data.channels, "stats": stats},
-        "rng": rng, "metrics_history": s.history})
+        "rng": rng, "metrics_history": s.history,
+        "epoch_progress": None if s.progress is None else s.progress.to_dict()})
+
+
+def write_or_fail(path: Path, write, *args) -> None:
+    """write(path, *args) (an atomic write); a failed write (a full disk, a vanished directory) becomes one
+    line naming the file and the cause: the file keeps its previous content, no temporary is left."""
+    try:
+        write(path, *args)
+    except OSError as exc:
+        raise TrainingError(f"could not write {path}: {exc.strerror or exc}; it keeps its previous content "
+                            f"(if any). Free space and continue with --resume {path.parent}") from None
+
+
+def save_progress(s: RunState) -> None:
+    """last.pt inside an epoch (s.progress set): a stop signal, or --checkpoint-every-minutes."""
+    state = checkpoint_payload(s)  # collective under DDP: every rank takes part
+    if s.d.main:
+        write_or_fail(s.run_dir / "last.pt", ck.save_checkpoint, state)
 
 
 def save_epoch(s: RunState, row: dict, better_loss: bool, better_mre: bool, say) -> None:
@@ -642,21 +699,23 @@ def save_epoch(s: RunState, row: dict, better_loss: bool, better_mre: bool, say)
     state = checkpoint_payload(s)  # collective under DDP: every rank takes part
     if not s.d.main:
         return
-    ck.save_checkpoint(s.run_dir / "last.pt", state)
+    write_or_fail(s.run_dir / "last.pt", ck.save_checkpoint, state)
     if better_loss:
-        ck.save_checkpoint(s.run_dir / "best_val_loss.pt", state)
+        write_or_fail(s.run_dir / "best_val_loss.pt", ck.save_checkpoint, state)
     if better_mre:
-        ck.save_checkpoint(s.run_dir / "best_mre.pt", state)
-    write_metrics_csv(s.run_dir / "metrics.csv", s.history)
+        write_or_fail(s.run_dir / "best_mre.pt", ck.save_checkpoint, state)
+    write_or_fail(s.run_dir / "metrics.csv", write_metrics_csv, s.history)
     marks = ("  *loss" if better_loss else "") + ("  *mre" if better_mre else "")
     say(summary_line(row, s.config.epochs) + marks)
 
 
 def train(config: TrainConfig, *, stop_after_epochs: int | None = None, echo=click.echo) -> dict:
-    """Train (or resume) a run; returns {"run_dir", "best", "history", "epoch", "config"}.
+    """Train (or resume) a run; returns {"run_dir", "best", "history", "epoch", "config", "stopped"}.
 
     stop_after_epochs: leave after that many epochs in this call, as if the job had been stopped there
     (the next call with resume=RUN_DIR continues; used by the resume test and time-limited batch jobs).
+    A stop signal (SIGTERM, SIGHUP, SIGUSR1) ends the run after the step in progress with last.pt written at
+    that step; "stopped" is then the signal's number (else None) and a line on stderr says how to continue.
     """
     validate(config)
     d = setup_distributed(config)
@@ -674,27 +733,48 @@ def train(config: TrainConfig, *, stop_after_epochs: int | None = None, echo=cli
             f"{len(data.channels)} channels, {d.world} process(es) on {d.device}, "
             f"{s.steps_per_epoch} steps per epoch")
 
-        start_epoch = s.epoch
-        while s.epoch < config.epochs:
-            if stop_after_epochs is not None and s.epoch - start_epoch >= stop_after_epochs:
-                break
-            row = train_epoch(s)
-            better_loss, better_mre = validate_and_rank(s, row)
-            s.history.append(row)
-            save_epoch(s, row, better_loss, better_mre, say)
-
+        stopped = run_epochs(s, stop_after_epochs, say)
+        if stopped is not None:
+            where = (f"inside epoch {s.epoch + 1} after batch {s.progress.batches}/{s.steps_per_epoch}"
+                     if s.progress is not None else f"after epoch {s.epoch}")
+            say(f"Error: training of {s.run_dir} interrupted by {signal.Signals(stopped).name} {where} "
+                f"(step {s.step}); last.pt holds that step: continue with "
+                f"`python -m massreg.train --resume {s.run_dir}`.", err=True)
+            return {"run_dir": str(s.run_dir), "best": s.best, "history": s.history, "epoch": s.epoch,
+                    "config": config, "stopped": stopped}
         if d.main and s.epoch >= config.epochs:
             make_plots(s.run_dir, s.history, s.raw_model, data.val_set, config, normalizer=data.normalizer,
                        target=data.target, aux_scaler=data.aux_scaler, device=d.device, echo=say)
         if d.world > 1:
             dist.barrier()
         return {"run_dir": str(s.run_dir), "best": s.best, "history": s.history, "epoch": s.epoch,
-                "config": config}
+                "config": config, "stopped": None}
     finally:
         if s is not None:
             s.feed.close()
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def run_epochs(s: RunState, stop_after_epochs: int | None, say) -> int | None:
+    """Epochs until config.epochs (or stop_after_epochs more), each validated and checkpointed; the number of
+    the stop signal that ended them early (last.pt written at the step it arrived in), else None."""
+    start_epoch = s.epoch
+    with StepGate(s.config.checkpoint_every_minutes, rank=s.d.rank, world=s.d.world,
+                  device=s.d.device) as gate:
+        while s.epoch < s.config.epochs:
+            if stop_after_epochs is not None and s.epoch - start_epoch >= stop_after_epochs:
+                break
+            row = train_epoch(s, gate)
+            if row is None:
+                return gate.signum
+            better_loss, better_mre = validate_and_rank(s, row)
+            s.history.append(row)
+            save_epoch(s, row, better_loss, better_mre, say)
+            gate.saved()
+            if gate.poll()[0]:   # a signal during validation or the checkpoint: stop at the epoch's end
+                return gate.signum
+    return None
 
 
 def count_params(model: torch.nn.Module) -> str:
@@ -770,7 +850,10 @@ def make_plots(run: Path, history: list[dict], raw_model, val_set, c: TrainConfi
 @click.option("--workers", type=int, default=0, show_default=True,
               help="Reader processes (persistent DataLoader workers); 0: reader threads in this process.")
 @click.option("--resume", type=click.Path(file_okay=False, exists=True),
-              help="Continue RUN_DIR from last.pt.")
+              help="Continue RUN_DIR from last.pt (from the step it was written at, inside an epoch or not).")
+@click.option("--checkpoint-every-minutes", type=float,
+              help="Also write last.pt inside an epoch this often, for jobs killed without warning; a stop "
+                   "signal (SIGTERM, SIGHUP, SIGUSR1) always writes it at the step it arrives in [0: off].")
 @click.option("--force", is_flag=True, help="Overwrite a run directory that already holds a run.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-train-samples", type=int, help="Use only the first N train rows (quick runs).")
@@ -778,10 +861,17 @@ def make_plots(run: Path, history: list[dict], raw_model, val_set, c: TrainConfi
               help="Validate every N epochs (and last).")
 @click.pass_context
 def main(ctx, data, recipe, **_):
-    """Train a mass regressor (--model) on DATA.h5 (several files = shards of one data set)."""
+    """Train a mass regressor (--model) on DATA.h5 (several files = shards of one data set).
+
+    SIGTERM, SIGHUP or SIGUSR1 (a batch system's time limit or preemption) end the run after the step in
+    progress, with last.pt written at that step (exit status 128 + the signal's number); --resume RUN_DIR
+    continues there and ends as an uninterrupted run would. Ctrl-C stops at once: last.pt keeps the last
+    checkpoint written.
+    """
     from click.core import ParameterSource
 
     from massreg.data import LayoutError
+    from pipeline.signals import exit_on_interrupt
 
     # Only what the user typed overrides the recipe (and, under --resume, is checked against the run);
     # the click defaults of the other options equal TrainConfig's.
@@ -792,7 +882,11 @@ def main(ctx, data, recipe, **_):
         config = build_config(recipe, data=data, **typed)
         if config.resume and ctx.get_parameter_source("recipe") == ParameterSource.COMMANDLINE:
             config = replace(config, overrides=(*config.overrides, "recipe"))  # checked against the run's
-        train(config)
+        run = config.resume or config.run_dir or "a new run"
+        with exit_on_interrupt(f"training of {run}", "its last.pt (if any) holds the last checkpoint written"):
+            result = train(config)
+        if result["stopped"] is not None:
+            sys.exit(128 + result["stopped"])
     except (ConfigError, TrainingError, ck.CheckpointError, LayoutError) as exc:
         raise click.ClickException(str(exc)) from None
 

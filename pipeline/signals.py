@@ -20,6 +20,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
@@ -74,11 +75,16 @@ def raise_on_signals(signals=STOP_SIGNALS) -> Iterator[None]:
 
 
 class StopFlag:
-    """Set by the first stop signal; the second raises `Terminated`. Use as a context manager."""
+    """Set by the first stop signal; the second raises `Terminated`. Use as a context manager.
 
-    def __init__(self, signals=(*STOP_SIGNALS, signal.SIGUSR1)):
+    repeat_after: a second signal sooner than this many seconds after the first is the same request, not a
+    user insisting (torchrun forwards the SIGTERM it gets from Slurm to workers that Slurm signalled too)."""
+
+    def __init__(self, signals=(*STOP_SIGNALS, signal.SIGUSR1), *, repeat_after: float = 0.0):
         self.signals = tuple(signals)
         self.signum: int | None = None
+        self.repeat_after = float(repeat_after)
+        self._first = 0.0
         self._ctx = None
 
     @property
@@ -87,6 +93,8 @@ class StopFlag:
 
     def request(self, signum: int = signal.SIGTERM) -> None:
         """What a signal does; also callable directly (tests, a time budget, another rank asking)."""
+        if self.signum is None:
+            self._first = time.monotonic()
         self.signum = int(signum)
 
     def check(self) -> None:
@@ -100,6 +108,8 @@ class StopFlag:
 
     def _on_signal(self, signum, _frame):
         if self.requested:
+            if time.monotonic() - self._first < self.repeat_after:
+                return
             raise Terminated(signum)
         self.request(signum)
 
@@ -136,10 +146,11 @@ def stop_on_signals() -> Iterator[StopFlag]:
         yield stop
 
 
-def ignore_stop_signals() -> None:
-    """For worker processes: Slurm signals the whole process group, but only the parent should react (it
-    stops the workers and cleans up); a worker that also raised would print a traceback of its own."""
-    for s in (signal.SIGINT, *STOP_SIGNALS):
+def ignore_stop_signals(*_) -> None:
+    """For worker processes (also a DataLoader worker_init_fn): Slurm signals every process of the job, but
+    only the parent should react (it stops the workers and cleans up); a worker that also raised would print
+    a traceback of its own, and one killed by SIGTERM or SIGUSR1 (their default) fails the parent's loader."""
+    for s in (signal.SIGINT, *STOP_SIGNALS, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
 
 
