@@ -692,6 +692,9 @@ def save_progress(s: RunState) -> None:
     state = checkpoint_payload(s)  # collective under DDP: every rank takes part
     if s.d.main:
         write_or_fail(s.run_dir / "last.pt", ck.save_checkpoint, state)
+    if s.d.world > 1:
+        # The others wait for the write: a rank that left first would make torchrun stop rank 0 mid-write.
+        dist.barrier()
 
 
 def save_epoch(s: RunState, row: dict, better_loss: bool, better_mre: bool, say) -> None:
