@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_convert.py
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_model.py --threads 1
+	$(PY) benchmarks/bench_train.py --workers 0,2
 	$(PY) benchmarks/bench_export.py
 
 clean:
