@@ -4,10 +4,10 @@ A batch system stops a job with SIGTERM (Slurm at its time limit or on preemptio
 SIGKILL; `#SBATCH --signal=B:USR1@120` asks for SIGUSR1 earlier), and a job can also die without warning.
 Two things make the loss at most a few minutes of work:
 
-- `StepGate`, polled after every optimizer step and at the end of an epoch: it reports a stop signal received (SIGTERM, SIGHUP,
-  SIGUSR1; a second one raises, so a user who insists is not kept waiting) and a checkpoint due by
-  `--checkpoint-every-minutes`. Under DDP the ranks agree with one small all_reduce, so every rank stops or
-  saves at the same step, whichever rank saw the signal.
+- `StepGate`, polled after every optimizer step and at the end of an epoch: it reports a stop signal
+  received (SIGTERM, SIGHUP, SIGUSR1; a second one 2 s or more later raises, so a user who insists is not
+  kept waiting) and a checkpoint due by `--checkpoint-every-minutes`. Under DDP the ranks agree with one
+  small all_reduce, so every rank stops or saves at the same step, whichever rank saw the signal.
 - `EpochProgress`: what a checkpoint written inside an epoch stores of that epoch (batches done, each rank's
   running loss sum and sample count), so that `--resume` starts the epoch at the next batch and the epoch's
   train loss comes out as in an uninterrupted run. The batch order and the flips are functions of

@@ -529,7 +529,8 @@ def build_state(config: TrainConfig, data: RunData, ckpt: dict | None, d: Dist) 
                     progress=progress)
 
 
-def restore(config: TrainConfig, ckpt: dict | None, raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def restore(config: TrainConfig, ckpt: dict | None, raw_model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer,
             d: Dist) -> tuple[int, int, dict, list[dict], EpochProgress | None]:
     """(epoch, step, best, history, progress) of a new run, or those of last.pt with its weights, optimizer
     state and RNG state loaded (progress: of the epoch last.pt was written inside, else None)."""
@@ -886,7 +887,8 @@ def main(ctx, data, recipe, **_):
         if config.resume and ctx.get_parameter_source("recipe") == ParameterSource.COMMANDLINE:
             config = replace(config, overrides=(*config.overrides, "recipe"))  # checked against the run's
         run = config.resume or config.run_dir or "a new run"
-        with exit_on_interrupt(f"training of {run}", "its last.pt (if any) holds the last checkpoint written"):
+        outcome = "its last.pt (if any) holds the last checkpoint written"
+        with exit_on_interrupt(f"training of {run}", outcome):
             result = train(config)
         if result["stopped"] is not None:
             sys.exit(128 + result["stopped"])
