@@ -124,7 +124,9 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_and_resumes_exact
             proc.kill()
     assert proc.returncode != 0
     assert (out + err).count("interrupted by SIGTERM") == 1, (out + err)[-3000:]   # rank 0 says it
-    assert err.count("exitcode  : 143") == 2, err[-3000:]               # both ranks: 128 + SIGTERM
+    # 128 + SIGTERM; a rank still shutting down when another has exited is stopped by torchrun itself (-15)
+    codes = [ln.split(":")[1].split()[0] for ln in err.splitlines() if ln.strip().startswith("exitcode")]
+    assert "143" in codes and set(codes) <= {"143", "-15"}, err[-3000:]
     last = ck.load_checkpoint(run / "last.pt")
     progress = last["epoch_progress"]
     stopped_epoch = last["epoch"] + 1
