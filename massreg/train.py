@@ -68,6 +68,10 @@ class TrainingError(Exception):
     """Training had to stop (non-finite loss); the message names epoch, step and the last good checkpoint."""
 
 
+class OutputError(Exception):
+    """A run file could not be written (a full disk, a vanished directory); one line naming it."""
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run. Filled from a recipe, then the explicit command-line options."""
@@ -684,8 +688,8 @@ def write_or_fail(path: Path, write, *args) -> None:
     try:
         write(path, *args)
     except OSError as exc:
-        raise TrainingError(f"could not write {path}: {exc.strerror or exc}; it keeps its previous content "
-                            f"(if any). Free space and continue with --resume {path.parent}") from None
+        raise OutputError(f"could not write {path}: {exc.strerror or exc}; it keeps its previous content "
+                          f"(if any). Free space and continue with --resume {path.parent}") from None
 
 
 def save_progress(s: RunState) -> None:
@@ -892,7 +896,7 @@ def main(ctx, data, recipe, **_):
             result = train(config)
         if result["stopped"] is not None:
             sys.exit(128 + result["stopped"])
-    except (ConfigError, TrainingError, ck.CheckpointError, LayoutError) as exc:
+    except (ConfigError, TrainingError, OutputError, ck.CheckpointError, LayoutError) as exc:
         raise click.ClickException(str(exc)) from None
 
 

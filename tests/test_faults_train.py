@@ -214,18 +214,27 @@ def test_second_signal_during_a_checkpoint_write_keeps_the_previous_checkpoint(t
     no_temporaries(run)
 
 
-def test_full_disk_during_a_checkpoint_write_is_one_line(tmp_path, data_file, trainer, monkeypatch):
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+@pytest.mark.parametrize("every", [None, 1e-6])
+def test_full_disk_during_a_checkpoint_write_is_one_line(tmp_path, data_file, trainer, monkeypatch, every):
+    """The disk fills while epoch 2's last.pt is written: at the epoch's end, or (saving every step) at its
+    first mid-epoch save. One line, exit 1; last.pt is epoch 1's, whole."""
+    real = torch.save
 
-    patch_save(monkeypatch, full, on_call=4)          # epoch 2's last.pt
+    def save(obj, f, *args, **kwargs):
+        if (obj["epoch"] == 2) if every is None else (obj["epoch"] == 1 and obj["epoch_progress"]):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
     run = tmp_path / "run"
-    result = run_cli([*cli_options(data_file), "--run-dir", run])
+    timed = [] if every is None else ["--checkpoint-every-minutes", every]
+    result = run_cli([*cli_options(data_file), "--run-dir", run, *timed])
     assert result.exit_code == 1, result.output
     lines = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
-    assert len(lines) == 1 and f"could not write {run}/last.pt: No space left on device" in lines[0]
-    assert f"--resume {run}" in lines[0]
-    assert ck.load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert len(lines) == 1 and f"could not write {run}/last.pt: No space left on device" in lines[0], lines
+    assert f"--resume {run}" in lines[0] and "--lr" not in lines[0]
+    last = ck.load_checkpoint(run / "last.pt")
+    assert last["epoch"] == 1 and last["epoch_progress"] is None
     no_temporaries(run)
 
 
