@@ -253,9 +253,11 @@ def test_resume_inside_an_epoch_needs_the_same_number_of_processes(tmp_path, dat
     assert "written inside epoch 1 by 2 process(es); resume it with 2, not 1" in result.output
 
 
-def test_sigterm_to_the_process_group_stops_the_cli_and_its_workers(tmp_path, data_file):
-    """As Slurm does it: SIGTERM to every process of the job (the trainer and its --workers reader process),
-    from outside. One line, exit 143, last.pt at the step reported, no process left."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_process_group_stops_the_cli_and_its_workers(tmp_path, data_file, signum):
+    """As Slurm (SIGTERM) or a terminal's Ctrl-C (SIGINT) does it: the signal to every process of the job
+    (the trainer and its --workers reader process), from outside. One line, 128 + signum, no process left;
+    SIGTERM writes last.pt at the step it reports, Ctrl-C stops at once and leaves the last one whole."""
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "massreg.train", data_file, "--model", "tiny", "--batch-size", "4",
@@ -267,16 +269,22 @@ def test_sigterm_to_the_process_group_stops_the_cli_and_its_workers(tmp_path, da
         while not (run / "metrics.csv").exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert proc.poll() is None, proc.communicate()
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signum)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("epoch")]   # tqdm aside
-    assert len(lines) == 1 and "interrupted by SIGTERM" in lines[0], err[-2000:]
-    step = int(lines[0].split("(step ")[1].split(")")[0])
-    assert ck.load_checkpoint(run / "last.pt")["step"] == step
+    assert proc.returncode == 128 + signum, err[-2000:]
+    lines = [ln for ln in err.replace("\r", "\n").splitlines()
+             if ln.strip() and not ln.startswith("epoch")]                            # tqdm aside
+    assert len(lines) == 1 and lines[0].startswith("Error: training of"), err[-2000:]
+    last = ck.load_checkpoint(run / "last.pt")
+    if signum == signal.SIGTERM:
+        assert "interrupted by SIGTERM inside epoch" in lines[0] or "after epoch" in lines[0], lines[0]
+        assert last["step"] == int(lines[0].split("(step ")[1].split(")")[0])
+    else:
+        assert "interrupted by SIGINT (Ctrl-C); its last.pt" in lines[0], lines[0]
+        assert last["epoch_progress"] is None and last["epoch"] >= 1
     no_temporaries(run)
     time.sleep(0.5)
     left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _session(p) == proc.pid]
