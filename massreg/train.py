@@ -614,7 +614,10 @@ def train_epoch(s: RunState, gate: StepGate | None = None) -> dict | None:
             aux_scaler=data.aux_scaler, d=d, bar=bar, start_step=done.batches,
             loss_sum=done.loss_sums[d.rank], count=done.counts[d.rank], gate=gate, checkpoint=checkpoint)
     except TrainingError as exc:
-        kept = f"{s.run_dir}/last.pt (epoch {s.epoch})" if s.epoch > 0 else "none (this was the first epoch)"
+        if s.progress is not None:   # last.pt was written inside this epoch (a timed checkpoint, a resume)
+            kept = f"{s.run_dir}/last.pt (epoch {s.epoch + 1}, batch {s.progress.batches})"
+        else:
+            kept = f"{s.run_dir}/last.pt (epoch {s.epoch})" if s.epoch else "none (this was the first epoch)"
         raise TrainingError(f"{exc}; last good checkpoint: {kept}. Try a lower --lr or check the data") \
             from None
     finally:
