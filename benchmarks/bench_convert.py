@@ -171,7 +171,7 @@ def profile(path: Path, rows: int) -> list[str]:
     import torch
 
     torch.set_num_threads(1)
-    src = Q._inspect(path)
+    src = Q.inspect_file(path)
     rows = min(rows, src.num_rows)
     pf = pq.ParquetFile(str(path))
     kept = np.arange(rows)
@@ -185,26 +185,26 @@ def profile(path: Path, rows: int) -> list[str]:
     with h5py.File(path.parent / "profile.h5", "w") as h5:
         images = h5.create_dataset("images", (rows, len(CHANNELS), 125, 125), np.float16)
         offset = 0
-        for _, chunk in Q._file_chunks(src, kept, np.ones(rows, bool), 8, CHANNELS, False):
+        for _, chunk in Q.file_chunks(src, kept, np.ones(rows, bool), 8, CHANNELS, False):
             t = time.process_time()
             table = pf.read_row_groups(chunk.groups.tolist(), columns=["X_jet"], use_threads=False)
             tick("decode (read_row_groups)", t)
             t = time.process_time()
-            flat = Q._flat_images(table.column(0), str(path), "X_jet", chunk.table_rows)
+            flat = Q.flat_images(table.column(0), str(path), "X_jet", chunk.table_rows)
             raw = flat.reshape(-1, 8, Q.PIXELS)
             tick("checks + flat numpy view", t)
-            result = Q._Result(len(raw))
+            result = Q.DecodedChunk(len(raw))
             result.n_train = len(raw)
             result.sums, result.sumsqs, result.maxes = np.zeros(4), np.zeros(4), np.zeros(4)
             for j, c in enumerate(CHANNELS):
                 t = time.process_time()
-                positions, values = Q._round_channel(raw[:, c])
+                positions, values = Q.round_channel(raw[:, c])
                 tick("find nonzeros + round them", t)
                 t = time.process_time()
-                Q._bad_values(values, positions, raw[:, c])
+                Q.bad_values(values, positions, raw[:, c])
                 tick("range check", t)
                 t = time.process_time()
-                Q._add_stats(result, j, values, positions, np.ones(len(raw), bool))
+                Q.add_stats(result, j, values, positions, np.ones(len(raw), bool))
                 tick("statistics", t)
                 result.parts.append((positions, values))
             t = time.process_time()

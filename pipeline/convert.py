@@ -16,7 +16,7 @@ and the statistics are those of `pipeline.layout` (read its docstring).
 Sparsity: the images are > 95 % zeros, so each channel's nonzero values are found with one integer compare
 and only they are rounded (numpy's exact cast), range-checked, summed into the statistics and sent back by a
 worker; a channel over a quarter nonzero is rounded whole. Everything beyond decoding costs ~0.3 ms a row
-at 4 channels against ~1.2 ms of decoding (README, "Converter performance"). In one process `--threads`
+at 4 channels against ~1.2 ms of decoding (docs/performance.md, "Converter"). In one process `--threads`
 reader threads (default 2) decode the next chunks, each through its own reader over the one parsed footer
 (pyarrow releases the GIL, and a reader must not be shared between threads), while this thread checks,
 rounds and writes the chunk before them.
@@ -67,10 +67,12 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import __version__, layout
-from pipeline.cuts import CUT_PRESETS, CUT_SYNTAX, Cut, _resolve_cuts, _scan, _Scan, parse_cut
-from pipeline.parallel import _results, _shard_ranges, _start_pool, _stop_pool, parse_shard
-from pipeline.parquet import (PIXELS, ConvertError, _cached_parquet, _Chunk, _file_chunks, _inspect,
-                              _one_line, _Source, parse_channels, resolve_inputs)
+from pipeline.cli import command, force_option, user_errors
+from pipeline.cuts import CUT_PRESETS, CUT_SYNTAX, Cut, Scan, parse_cut, resolve_cuts, scan_file
+from pipeline.files import check_new_output, os_cause
+from pipeline.parallel import ordered_results, parse_shard, shard_ranges, start_pool, stop_pool
+from pipeline.parquet import (PIXELS, Chunk, ConvertError, Source, cached_parquet, file_chunks, inspect_file,
+                              parse_channels, resolve_inputs)
 from pipeline.signals import STOP_SIGNALS, StopFlag, exit_on_interrupt
 
 EXECUTION_ONLY = ("threads", "workers", "force", "progress")   # config fields that cannot change the output
@@ -79,7 +81,7 @@ PARALLEL_SCAN_BYTES = 1 << 30   # inputs above this size (and of 2+ files) are s
 # the 1 % also covers a file system's own metadata for the new blocks.
 SPACE_MARGIN_FRACTION, SPACE_MARGIN_BYTES = 0.01, 4 << 20
 
-# Workers are forked from a forkserver that preloads this module (`_start_pool`); under `python -m
+# Workers are forked from a forkserver that preloads this module (`start_pool`); under `python -m
 # pipeline.convert` each then re-runs the parent's main module as __mp_main__ and runpy warns that the module
 # is imported already. Expected and harmless; the filter is inherited by the forked workers.
 warnings.filterwarnings("ignore", message="'pipeline.convert' found in sys.modules", category=RuntimeWarning)
@@ -181,8 +183,7 @@ def _validate(config: ConvertConfig) -> tuple[tuple[int, ...], tuple[int, int] |
     output = Path(config.output)
     if output.is_dir():
         raise ConvertError(f"{output}: is a directory; give the path of the .h5 file to write")
-    if output.exists() and not config.force:
-        raise ConvertError(f"{output}: already exists; pass --force to replace it")
+    check_new_output(output, config.force)
     return channels, shard, output
 
 
@@ -202,11 +203,11 @@ def _label_stats(labels: dict[str, np.ndarray], train: np.ndarray) -> dict[str, 
 @dataclass
 class _Plan:
     """What passes 0 and 1 decide: the files, cuts, kept rows, labels and split."""
-    sources: list[_Source]
+    sources: list[Source]
     ranges: list[tuple[int, int]]      # row-group range of each file in this shard
     cuts: list[Cut]
     skipped: list[Cut]
-    scans: list[_Scan]
+    scans: list[Scan]
     codes: np.ndarray                  # (N,) int8 split codes, 0 train, 1 val, 2 test
     labels: dict[str, np.ndarray]      # canonical -> (N,) float64
     columns_used: dict[str, str]
@@ -239,7 +240,7 @@ def _plan(config: ConvertConfig, shard: tuple[int, int] | None, bar_off: bool | 
     files = resolve_inputs(config.inputs)
     big = len(files) > 1 and sum(f.stat().st_size for f in files) > PARALLEL_SCAN_BYTES
     mapper = pool.map if pool is not None and big else map
-    sources = list(tqdm(_checked(mapper(_inspect, files), check), total=len(files), desc="footers",
+    sources = list(tqdm(_checked(mapper(inspect_file, files), check), total=len(files), desc="footers",
                         unit="file", disable=bar_off, leave=False))
     first = sources[0]
     for s in sources[1:]:
@@ -249,9 +250,9 @@ def _plan(config: ConvertConfig, shard: tuple[int, int] | None, bar_off: bool | 
     if "m" not in first.scalars:
         raise ConvertError(f"{first.path}: no mass column ({' or '.join(layout.COLUMN_ALIASES['m'])}); "
                            f"columns present: {', '.join(first.scalars)}")
-    cuts, skipped = _resolve_cuts(config.cuts, config.extra_cuts, sources)
-    ranges = _shard_ranges(sources, int(config.chunk_size), shard)
-    scans = list(tqdm(_checked(mapper(_scan, sources, *zip(*ranges), [cuts] * len(sources)), check),
+    cuts, skipped = resolve_cuts(config.cuts, config.extra_cuts, sources)
+    ranges = shard_ranges(sources, int(config.chunk_size), shard)
+    scans = list(tqdm(_checked(mapper(scan_file, sources, *zip(*ranges), [cuts] * len(sources)), check),
                       total=len(sources), desc="scan", unit="file", disable=bar_off, leave=False))
     if sum(len(scan.rows) for scan in scans) == 0:
         seen = {}
@@ -280,8 +281,10 @@ def convert(config: ConvertConfig, *, stop: StopFlag | None = None) -> ConvertSu
 
     Raises ConvertError for bad options or input, for too little free space on the output's file system
     (checked after pass 1, before the file is created) and for a failed write (ENOSPC, EIO, a vanished
-    directory); nothing is written then (nor on any other exception or interruption): the file is built under
-    a temporary name beside the output and renamed at the end. The workers are stopped on every way out.
+    directory), and UserError (`check_new_output`) for an existing output without `force`: every one a
+    `pipeline.errors.UserError` of one line. Nothing is written then (nor on any other exception or
+    interruption): the file is built under a temporary name beside the output and renamed at the end. The
+    workers are stopped on every way out.
 
     `stop` (what the CLI passes) is polled after each file of passes 0-1, each chunk of pass 2 and before the
     rename; once a signal has set it, `stop.check()` raises KeyboardInterrupt or `Terminated` there."""
@@ -293,7 +296,7 @@ def convert(config: ConvertConfig, *, stop: StopFlag | None = None) -> ConvertSu
     workers = int(config.workers)
     pool = None
     try:
-        pool = _start_pool(workers, ["pipeline.convert"]) if workers > 1 else None
+        pool = start_pool(workers, ["pipeline.convert"]) if workers > 1 else None
         check()
         plan = _plan(config, shard, bar_off, pool, check)
         size = _output_bytes(plan, channels)
@@ -306,28 +309,16 @@ def convert(config: ConvertConfig, *, stop: StopFlag | None = None) -> ConvertSu
         tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
         written = _Tally()
         try:
-            with h5py.File(tmp, "w", libver=("v108", "v108")) as h5:
-                _write_labels(h5, plan, channels, written)
-                stats, clipped = _write_images(h5["images"], plan, config, channels, pool, bar_off,
-                                               written, check)   # pass 2
-                group = h5.create_group("stats")
-                for key, value in stats.items():
-                    group.create_dataset(key, data=value)
-                _write_attrs(h5, plan, config, channels, shard, created, clipped)
-            _stop_pool(pool)          # before the rename: once OUT exists, nothing may fail or be interrupted
+            clipped = _write_file(tmp, plan, config, channels, shard, created, pool, bar_off, written, check)
+            stop_pool(pool)          # before the rename: once OUT exists, nothing may fail or be interrupted
             check()
             file_bytes = tmp.stat().st_size
             # OUT is whole from the rename on, so a stop signal then is too late to lose anything: it is held
             # until the summary is made and then dropped, and the run ends as it would have.
             with StopFlag((signal.SIGINT, *STOP_SIGNALS)):
                 os.replace(tmp, output)
-                return ConvertSummary(
-                    output=str(output), files=len(plan.sources), rows_read=plan.rows_read, rows_kept=plan.n,
-                    rejected=plan.rejected, skipped_cuts=[cut.text for cut in plan.skipped],
-                    split_sizes={s: int((plan.codes == i).sum()) for i, s in enumerate(layout.SPLITS)},
-                    channels=[layout.CHANNEL_NAMES[c] for c in channels], columns_used=plan.columns_used,
-                    clipped=clipped, bytes=file_bytes, seconds=time.perf_counter() - t0,
-                    shard=None if shard is None else f"{shard[0]}/{shard[1]}", workers=workers)
+                return _summary(output, plan, channels, shard, clipped, file_bytes, time.perf_counter() - t0,
+                                workers)
         except BaseException as exc:
             with suppress(OSError):       # an EIO can refuse the unlink too; then the message says so
                 tmp.unlink(missing_ok=True)
@@ -335,10 +326,38 @@ def convert(config: ConvertConfig, *, stop: StopFlag | None = None) -> ConvertSu
                 raise ConvertError(_write_failure(output, tmp, written.bytes, size, exc)) from None
             raise
     except BaseException:
-        _stop_pool(pool)
+        stop_pool(pool)
         raise
     finally:
-        _cached_parquet.cache_clear()
+        cached_parquet.cache_clear()
+
+
+def _write_file(tmp: Path, plan: _Plan, config: ConvertConfig, channels: tuple[int, ...],
+                shard: tuple[int, int] | None, created: str, pool: ProcessPoolExecutor | None,
+                bar_off: bool | None, written: _Tally, check: Callable[[], None]) -> int:
+    """The whole HDF5 file under its temporary name: /labels and /split, /images (pass 2), /stats and the
+    root attributes. Returns the number of values clipped."""
+    with h5py.File(tmp, "w", libver=("v108", "v108")) as h5:
+        _write_labels(h5, plan, channels, written)
+        stats, clipped = _write_images(h5["images"], plan, config, channels, pool, bar_off, written,
+                                       check)   # pass 2
+        group = h5.create_group("stats")
+        for key, value in stats.items():
+            group.create_dataset(key, data=value)
+        _write_attrs(h5, plan, config, channels, shard, created, clipped)
+    return clipped
+
+
+def _summary(output: Path, plan: _Plan, channels: tuple[int, ...], shard: tuple[int, int] | None,
+             clipped: int, file_bytes: int, seconds: float, workers: int) -> ConvertSummary:
+    """What `convert` returns (and the CLI prints), once the output is in place."""
+    return ConvertSummary(
+        output=str(output), files=len(plan.sources), rows_read=plan.rows_read, rows_kept=plan.n,
+        rejected=plan.rejected, skipped_cuts=[cut.text for cut in plan.skipped],
+        split_sizes={s: int((plan.codes == i).sum()) for i, s in enumerate(layout.SPLITS)},
+        channels=[layout.CHANNEL_NAMES[c] for c in channels], columns_used=plan.columns_used,
+        clipped=clipped, bytes=file_bytes, seconds=seconds,
+        shard=None if shard is None else f"{shard[0]}/{shard[1]}", workers=workers)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -351,7 +370,8 @@ class _Tally:
     bytes: int = 0
 
 
-def _size(n: float) -> str:
+def format_size(n: float) -> str:
+    """Bytes as the messages write them: '812 kB', '3.4 MB', '1.2 GB'."""
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
 
 
@@ -366,7 +386,8 @@ def _label_bytes(plan: _Plan) -> int:
     return 8 * len(plan.labels) + 4 + 8 + 8
 
 
-def _mount_point(path: Path) -> Path:
+def mount_point(path: Path) -> Path:
+    """The mount point of the file system holding `path` (which must exist), as the space message names it."""
     path = path.resolve()
     while not os.path.ismount(path):
         path = path.parent
@@ -382,8 +403,8 @@ def _check_space(output: Path, size: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if needed > free:
-        raise ConvertError(f"{output} needs {_size(needed)} on {_mount_point(probe)} (the output's file "
-                           f"system), {_size(free)} free; free space or choose another OUTPUT")
+        raise ConvertError(f"{output} needs {format_size(needed)} on {mount_point(probe)} (the output's file "
+                           f"system), {format_size(free)} free; free space or choose another OUTPUT")
 
 
 def _write_failure(output: Path, tmp: Path, written: int, size: int, exc: OSError) -> str:
@@ -392,9 +413,9 @@ def _write_failure(output: Path, tmp: Path, written: int, size: int, exc: OSErro
     first = exc
     while isinstance(first.__context__, OSError):
         first = first.__context__
-    cause = f"[Errno {first.errno}] {os.strerror(first.errno)}" if first.errno else _one_line(first)
+    cause = os_cause(first)
     left = f"remove the partial file {tmp} by hand" if tmp.exists() else "the partial file was removed"
-    return f"{output}: write failed after {_size(written)} of {_size(size)} ({cause}); {left}"
+    return f"{output}: write failed after {format_size(written)} of {format_size(size)} ({cause}); {left}"
 
 
 def _strings(values) -> np.ndarray:
@@ -436,13 +457,13 @@ def _write_images(images: h5py.Dataset, plan: _Plan, config: ConvertConfig, chan
     chunks = _all_chunks(plan.sources, plan.scans, train, int(config.chunk_size), channels, config.clip)
     buffer = np.zeros((0, c, PIXELS), np.float16)
     with tqdm(total=plan.n, desc="convert", unit="row", disable=bar_off) as bar, \
-            closing(_results(chunks, pool, int(config.workers), int(config.threads))) as results:
+            closing(ordered_results(chunks, pool, int(config.workers), int(config.threads))) as results:
         for result in results:
             check()
             if len(buffer) < result.n:
                 buffer = np.zeros((result.n, c, PIXELS), np.float16)
             block = result.dense(buffer)
-            _write_rows(images, offset, block)
+            write_rows(images, offset, block)
             written.bytes += block.nbytes
             result.clear(buffer)
             offset += result.n
@@ -465,9 +486,10 @@ def _write_images(images: h5py.Dataset, plan: _Plan, config: ConvertConfig, chan
     return stats, clipped
 
 
-def _write_rows(images: h5py.Dataset, offset: int, block: np.ndarray) -> None:
+def write_rows(images: h5py.Dataset, offset: int, block: np.ndarray) -> None:
     """images[offset:offset + n] = block through the low-level API (h5py's slicing costs ~30 % on top of the
-    copy into the page cache)."""
+    copy into the page cache). Pass 2's one write of image data: the fault tests slow it down or make it fail
+    (a slow disk, ENOSPC, EIO)."""
     file_space = images.id.get_space()
     file_space.select_hyperslab((offset, 0, 0, 0), block.shape)
     images.id.write(h5py.h5s.create_simple(block.shape), file_space, block)
@@ -508,14 +530,14 @@ def _write_attrs(h5: h5py.File, plan: _Plan, config: ConvertConfig, channels: tu
     attrs["clipped"] = int(clipped)
 
 
-def _all_chunks(sources: list[_Source], scans: list[_Scan], train: np.ndarray, chunk_size: int,
-                channels: tuple[int, ...], clip: bool) -> Iterator[_Chunk]:
+def _all_chunks(sources: list[Source], scans: list[Scan], train: np.ndarray, chunk_size: int,
+                channels: tuple[int, ...], clip: bool) -> Iterator[Chunk]:
     """Pass 2's chunks, lazily (a 150,000-row file has ~19,000 of them), files in order."""
     start = 0
     for src, scan in zip(sources, scans):
         k = len(scan.rows)
         if k:
-            for _, chunk in _file_chunks(src, scan.rows, train[start:start + k], chunk_size, channels, clip):
+            for _, chunk in file_chunks(src, scan.rows, train[start:start + k], chunk_size, channels, clip):
                 yield chunk
         start += k
 
@@ -550,7 +572,7 @@ Examples:
 """
 
 
-@click.command(help=_HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@command(help=_HELP)
 @click.argument("inputs", nargs=-1, required=True, metavar="RAW...")
 @click.argument("output", metavar="OUTPUT.h5")
 @click.option("--channels", default="0,1,2,3", show_default=True,
@@ -565,7 +587,7 @@ Examples:
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the per-row split hash.")
 @click.option("--clip", is_flag=True, help="Saturate values beyond float16's range (+-65504) and count them, "
                                            "instead of failing. NaN and inf are always errors.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@force_option("Replace OUTPUT if it exists.")
 @click.option("--threads", type=int, default=2, show_default=True,
               help="Threads decoding chunks in this process (with --workers 1); the output is identical for "
                    "any number.")
@@ -583,12 +605,9 @@ def main(inputs, output, channels, cuts, extra_cuts, chunk_size, val_fraction, t
     # The signal sets a flag that the conversion polls between chunks (StopFlag.check says why); a second
     # signal raises at once.
     with exit_on_interrupt(f"conversion to {output}", "nothing was written and no temporary file is left"), \
-            StopFlag((signal.SIGINT, *STOP_SIGNALS)) as stop:
-        try:
-            config.channels = parse_channels(channels)
-            summary = convert(config, stop=stop)
-        except ConvertError as exc:
-            raise click.ClickException(str(exc)) from None
+            StopFlag((signal.SIGINT, *STOP_SIGNALS)) as stop, user_errors():
+        config.channels = parse_channels(channels)
+        summary = convert(config, stop=stop)
     click.echo(summary.describe())
 
 

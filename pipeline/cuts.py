@@ -1,20 +1,25 @@
 """Cuts and pass 1 of the converter: the presets, the `--cut` grammar and the scan of the scalar columns.
 
-`CUT_PRESETS`, `Cut`, `parse_cut` / `CUT_SYNTAX`, and `_scan` (read one file's scalar columns, apply the cuts)
-with `_resolve_cuts` (presets and --cut against the files' columns). It sits above `pipeline.parquet`, the
-only converter file it imports, and below `pipeline.convert`, which runs pass 1 (here or in the worker pool).
+`CUT_PRESETS`, `Cut`, `parse_cut` / `CUT_SYNTAX`, `resolve_cuts` (presets and --cut against the files'
+columns) and `scan_file` (read one file's scalar columns, apply the cuts -> `Scan`); `rows_passing` puts the
+three together for one file (what `massreg.predict` keeps of a raw Parquet file). It sits above
+`pipeline.parquet`, the only converter file it imports, and below `pipeline.convert`, which runs pass 1 (here
+or in the worker pool).
 """
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from pipeline import layout
-from pipeline.parquet import ConvertError, _cached_parquet, _read, _scalar_values, _Source
+from pipeline.parquet import (ConvertError, Source, cached_parquet, inspect_file, read_row_groups,
+                              scalar_values)
 
 # Cut presets. `paper` is the A -> gamma gamma paper's kinematic selection used by the original write-up
 # (and therefore our default); `top` is the generated range of the top-quark data set.
@@ -81,7 +86,8 @@ def parse_cut(text: str, source: str = "--cut") -> Cut:
 # ----------------------------------------------------------------------------------------------------------
 
 @dataclass
-class _Scan:
+class Scan:
+    """Pass 1's result for one file (or the part of it in this shard)."""
     rows_read: int
     rows: np.ndarray                  # (n_kept,) int64 source rows kept
     labels: dict[str, np.ndarray]     # canonical -> (n_kept,) float64
@@ -89,15 +95,17 @@ class _Scan:
     observed: dict[str, tuple[float, float]]   # cut text -> (min, max) of what it looked at
 
 
-def _scan(src: _Source, lo: int, hi: int, cuts: list[Cut]) -> _Scan:
-    """Read the scalar columns of row groups [lo, hi) of one file and apply the cuts."""
+def scan_file(src: Source, lo: int, hi: int, cuts: list[Cut]) -> Scan:
+    """Read the scalar columns of row groups [lo, hi) of one file and apply the cuts (`resolve_cuts`'s, whose
+    columns are canonical names). ConvertError for a null, NaN or inf in any scalar column."""
     first, last = int(src.group_starts[lo]), int(src.group_starts[hi])
     rows = np.arange(first, last, dtype=np.int64)
     values = {}
     if hi > lo:
-        table = _read(_cached_parquet(src.path), src.path, np.arange(lo, hi), list(src.scalars.values()))
+        table = read_row_groups(cached_parquet(src.path), src.path, np.arange(lo, hi),
+                                list(src.scalars.values()))
         for canon, source in src.scalars.items():
-            values[canon] = _scalar_values(table.column(source), src.path, source, rows)
+            values[canon] = scalar_values(table.column(source), src.path, source, rows)
     else:
         values = {canon: np.zeros(0) for canon in src.scalars}
     keep = np.ones(len(rows), bool)
@@ -110,12 +118,15 @@ def _scan(src: _Source, lo: int, hi: int, cuts: list[Cut]) -> _Scan:
             seen = np.abs(x) if cut.absolute else x
             observed[cut.text] = (float(seen.min()), float(seen.max()))
         keep &= ok
-    return _Scan(len(rows), rows[keep], {k: v[keep] for k, v in values.items()}, failed, observed)
+    return Scan(len(rows), rows[keep], {k: v[keep] for k, v in values.items()}, failed, observed)
 
 
-def _resolve_cuts(preset: str, extra_cuts: Sequence[str], sources: list[_Source]
-                  ) -> tuple[list[Cut], list[Cut]]:
-    """(cuts to apply, preset cuts skipped because the files lack their column)."""
+def resolve_cuts(preset: str, extra_cuts: Sequence[str], sources: list[Source]
+                 ) -> tuple[list[Cut], list[Cut]]:
+    """(cuts to apply, preset cuts skipped because the files lack their column), against the columns of
+    the first of `sources` (the converter checks that every file has the same). The cuts to apply name the
+    canonical column (`m` for a cut on `am`); an explicit --cut on a missing column is a ConvertError naming
+    the file and the columns present."""
     if preset not in CUT_PRESETS:
         raise ConvertError(f"unknown cut preset {preset!r}: use one of {', '.join(CUT_PRESETS)}")
     cuts = [parse_cut(t, preset) for t in CUT_PRESETS[preset]]
@@ -134,3 +145,22 @@ def _resolve_cuts(preset: str, extra_cuts: Sequence[str], sources: list[_Source]
         apply.append(Cut(cut.text, column, cut.absolute, cut.lo, cut.hi, cut.lo_inclusive, cut.hi_inclusive,
                          cut.source))
     return apply, skipped
+
+
+def rows_passing(path: str | os.PathLike, preset: str, extra_cuts: Sequence[str]
+                 ) -> tuple[np.ndarray | None, list[Cut]]:
+    """The rows of one Parquet file that the converter would keep with `--cuts preset` and `--cut` texts
+    `extra_cuts`: (sorted int64 row numbers, preset cuts skipped because the file lacks their column), the
+    rows being None when no cut applies (every row is kept; nothing is read beyond the footer).
+
+    The converter's own code: `inspect_file` (footer), `resolve_cuts` (preset "none" has no cut; an explicit
+    cut on a missing column is a ConvertError naming the file and its columns) and `scan_file` (the scalar
+    columns only, no image; a null, NaN or inf in one is a ConvertError naming the row)."""
+    try:
+        src = inspect_file(Path(path))
+        cuts, skipped = resolve_cuts(preset, extra_cuts, [src])
+        if not cuts:
+            return None, skipped
+        return scan_file(src, 0, src.num_groups, cuts).rows, skipped
+    finally:
+        cached_parquet.cache_clear()    # as `read_parquet_chunks`: a file rewritten later is read anew

@@ -15,9 +15,11 @@ import h5py
 import numpy as np
 
 from pipeline import layout
+from pipeline.cli import command, user_errors
+from pipeline.errors import UserError
 
 
-class InspectError(Exception):
+class InspectError(UserError):
     """The file cannot be read as HDF5; one line."""
 
 
@@ -88,14 +90,12 @@ def describe(path) -> str:
     return "\n".join(lines)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@command()
 @click.argument("path", metavar="FILE.h5")
 def main(path):
     """Print the tree (path, shape, dtype, attributes), split sizes and statistics of FILE.h5."""
-    try:
+    with user_errors():
         click.echo(describe(path))
-    except InspectError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ FORMAT_NAME = "massreg-e2e"
 FORMAT_VERSION = 1
 IMAGE_SIZE = 125  # pixels per side; 125 = 5^3, one ECAL crystal (0.0174 in eta and phi) per pixel
 
-# The eight raw channels, in the order of the source files (CONTEXT.md; the order of dz and d0 is
+# The eight raw channels, in the order of the source files (docs/data.md; the order of dz and d0 is
 # disputed between sources, we follow the majority).
 CHANNEL_NAMES = ("track_pt", "dz", "d0", "ecal", "hcal", "pix1", "pix2", "pix3")
 CHANNEL_UNITS = ("GeV", "cm", "cm", "GeV", "GeV", "hits", "hits", "hits")

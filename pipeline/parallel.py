@@ -1,8 +1,9 @@
 """Parallel decoding for the converter: reader threads, the worker pool, shards and `read_parquet_chunks`.
 
-In one process `_prefetched` runs `threads` reader threads, each through its own reader over the one parsed
-footer; `_start_pool` / `_results` send chunks (TASK_CHUNKS per task) to worker processes and hand the
-results back in order; `parse_shard` / `_shard_ranges` cut the inputs' chunks into N parts.
+In one process `ordered_results` runs `threads` reader threads, each through its own reader over the one
+parsed footer; with a pool from `start_pool` (stopped by `stop_pool`) it sends chunks (TASK_CHUNKS per task)
+to worker processes and hands the results back in order; `parse_shard` / `shard_ranges` cut the inputs'
+chunks into N parts.
 `read_parquet_chunks` is the public reader (`massreg.predict` uses it): the converter's decoding and checks,
 without writing. It sits above `pipeline.parquet`, the only converter file it imports, and below
 `pipeline.convert`. (It also imports `pipeline.signals`: only the parent reacts to stop signals.)
@@ -26,8 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.parquet import (ConvertError, _cached_parquet, _Chunk, _decode, _file_chunks, _inspect,
-                              _one_line, _read_chunk, _Result, _Source, parse_channels)
+from pipeline.parquet import (Chunk, ConvertError, DecodedChunk, Source, cached_parquet, decode_chunk,
+                              file_chunks, inspect_file, one_line, parse_channels, read_chunk)
 from pipeline.signals import STOP_SIGNALS, StopFlag, ignore_stop_signals
 
 TASK_CHUNKS = 4                 # chunks per task sent to a worker process
@@ -44,8 +45,8 @@ def parse_shard(shard: str | None) -> tuple[int, int] | None:
     return int(match[1]), int(match[2])
 
 
-def _shard_ranges(sources: list[_Source], chunk_size: int,
-                  shard: tuple[int, int] | None) -> list[tuple[int, int]]:
+def shard_ranges(sources: list[Source], chunk_size: int,
+                 shard: tuple[int, int] | None) -> list[tuple[int, int]]:
     """Row-group range [lo, hi) of each file inside this shard. The global list of chunks (chunk_size row
     groups, files in order) is cut into N contiguous parts; part I (1-based) is ours."""
     if shard is None:
@@ -65,9 +66,9 @@ def _shard_ranges(sources: list[_Source], chunk_size: int,
     return ranges
 
 
-def _run_chunk(chunk: _Chunk) -> _Result:
+def _run_chunk(chunk: Chunk) -> DecodedChunk:
     """Everything for one chunk, in one thread (what a worker process does)."""
-    return _decode(chunk, _read_chunk(chunk))
+    return decode_chunk(chunk, read_chunk(chunk))
 
 
 def _worker_ready() -> int:
@@ -81,14 +82,14 @@ def _worker_init(booted) -> None:
     booted.release()
 
 
-def _start_pool(workers: int, preload: Sequence[str]) -> ProcessPoolExecutor:
+def start_pool(workers: int, preload: Sequence[str]) -> ProcessPoolExecutor:
     """`workers` processes, started now (a no-op task each). Never fork the parent: it will hold an open HDF5
     file, which a child must not inherit. forkserver (POSIX) forks the workers from a clean server that
     imported the modules `preload` once (the caller's, so ~0.4 s of imports, instead of once per worker with
     spawn); spawn elsewhere.
 
     Only the parent reacts to Ctrl-C, SIGTERM and SIGHUP, which a terminal and Slurm send to the whole process
-    group: it removes its temporary file and stops the workers (`_stop_pool`). The processes started here (the
+    group: it removes its temporary file and stops the workers (`stop_pool`). The processes started here (the
     workers, and the forkserver and multiprocessing's resource tracker when they start with the pool) are
     started with those signals blocked, a mask they inherit and keep: a worker would print a traceback of its
     own, a killed forkserver leaves its workers unreaped, and a killed tracker (it ignores SIGTERM, not
@@ -118,7 +119,7 @@ def _start_pool(workers: int, preload: Sequence[str]) -> ProcessPoolExecutor:
             signal.raise_signal(held.signum)       # now, to the caller's handler: it raises here, as a rule
         return pool
     except BaseException:        # the held signal, or an error: the caller never gets the pool
-        _stop_pool(pool)
+        stop_pool(pool)
         raise
 
 
@@ -142,7 +143,7 @@ def _blocked(signals) -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _stop_pool(pool: ProcessPoolExecutor | None) -> None:
+def stop_pool(pool: ProcessPoolExecutor | None) -> None:
     """Stop the workers and wait for them, so that none outlives the parent: the tasks not yet started are
     cancelled and each worker finishes the one it holds (TASK_CHUNKS chunks: ~0.1 s at the default chunk
     size). Not killed: a worker killed while it sends a result leaves half a message in the pipe that the
@@ -154,31 +155,31 @@ def _stop_pool(pool: ProcessPoolExecutor | None) -> None:
 
 class _ThreadReaders:
     """Per reader thread, its own `ParquetFile` of the current file, opened over the footer this process
-    parsed once (`_cached_parquet`): an Arrow file reader must not be used by two threads at once, and
+    parsed once (`cached_parquet`): an Arrow file reader must not be used by two threads at once, and
     reopening with a parsed footer costs ~50 us where parsing a real one costs ~1 s and hundreds of MB.
     `forget()` drops them all (only while no read is in flight), so that an old footer dies with its file."""
 
     def __init__(self):
         self.files: dict[int, tuple[str, pq.ParquetFile]] = {}    # reader thread id -> (path, its reader)
 
-    def read(self, chunk: _Chunk, metadata: pq.FileMetaData) -> pa.Table:
+    def read(self, chunk: Chunk, metadata: pq.FileMetaData) -> pa.Table:
         me = threading.get_ident()
         mine = self.files.get(me)
         if mine is None or mine[0] != chunk.path:
             try:
                 mine = self.files[me] = (chunk.path, pq.ParquetFile(chunk.path, metadata=metadata))
             except (pa.ArrowException, OSError) as exc:
-                raise ConvertError(f"{chunk.path}: cannot reopen for reading ({_one_line(exc)})") from None
-        return _read_chunk(chunk, mine[1])
+                raise ConvertError(f"{chunk.path}: cannot reopen for reading ({one_line(exc)})") from None
+        return read_chunk(chunk, mine[1])
 
     def forget(self) -> None:
         self.files.clear()
 
 
-def _prefetched(chunks: Iterator[_Chunk], threads: int = 2) -> Iterator[_Result]:
+def _prefetched(chunks: Iterator[Chunk], threads: int = 2) -> Iterator[DecodedChunk]:
     """One process, results in chunk order: `threads` reader threads decode the next chunks (pyarrow releases
     the GIL) while this thread checks, rounds and hands out the chunk before them. Decoding is ~85 % of the
-    work; on 2 cores 2 readers convert ~1.4x faster than one (README, "Converter performance"). `threads`
+    work; on 2 cores 2 readers convert ~1.4x faster than one (docs/performance.md, "Converter"). `threads`
     chunks are in flight, each ~1 MB a row decoded."""
     readers = _ThreadReaders()
     with ThreadPoolExecutor(threads, thread_name_prefix="parquet-reader") as pool:
@@ -190,27 +191,27 @@ def _prefetched(chunks: Iterator[_Chunk], threads: int = 2) -> Iterator[_Result]
                     # ever held and its many small allocations land in this thread's malloc arena every time
                     while pending:
                         done, table = pending.popleft()
-                        yield _decode(done, table.result())
+                        yield decode_chunk(done, table.result())
                     readers.forget()
-                metadata = _cached_parquet(chunk.path).metadata
+                metadata = cached_parquet(chunk.path).metadata
                 pending.append((chunk, pool.submit(readers.read, chunk, metadata)))
                 if len(pending) > threads:
                     chunk, table = pending.popleft()
-                    yield _decode(chunk, table.result())
+                    yield decode_chunk(chunk, table.result())
             while pending:
                 chunk, table = pending.popleft()
-                yield _decode(chunk, table.result())
+                yield decode_chunk(chunk, table.result())
         finally:
             for _, table in pending:
                 table.cancel()
 
 
-def _run_chunks(chunks: list[_Chunk]) -> list[_Result]:
+def _run_chunks(chunks: list[Chunk]) -> list[DecodedChunk]:
     """A worker's task: a few chunks one after the other (the first error stops it, as in one process)."""
     return [_run_chunk(chunk) for chunk in chunks]
 
 
-def _batches(chunks: Iterator[_Chunk], size: int) -> Iterator[list[_Chunk]]:
+def _batches(chunks: Iterator[Chunk], size: int) -> Iterator[list[Chunk]]:
     batch = []
     for chunk in chunks:
         batch.append(chunk)
@@ -221,8 +222,8 @@ def _batches(chunks: Iterator[_Chunk], size: int) -> Iterator[list[_Chunk]]:
         yield batch
 
 
-def _results(chunks: Iterator[_Chunk], pool: ProcessPoolExecutor | None, workers: int, threads: int
-             ) -> Iterator[_Result]:
+def ordered_results(chunks: Iterator[Chunk], pool: ProcessPoolExecutor | None, workers: int, threads: int
+                    ) -> Iterator[DecodedChunk]:
     """Results in chunk order: from this process's `threads` readers, or from the pool, TASK_CHUNKS chunks per
     task (pickling a task and its result costs ~0.5 ms; per chunk of 8 rows that was 10 % of the work) and 2
     tasks per worker in flight, so that memory stays flat while the parent writes. A worker decodes on one
@@ -239,7 +240,7 @@ def _results(chunks: Iterator[_Chunk], pool: ProcessPoolExecutor | None, workers
         while pending:
             yield from pending.popleft().result()
     except BrokenProcessPool as exc:
-        raise ConvertError(f"a worker process died ({_one_line(exc)}); out of memory? Retry with fewer "
+        raise ConvertError(f"a worker process died ({one_line(exc)}); out of memory? Retry with fewer "
                            f"--workers (each holds one file's footer in memory)") from None
     finally:
         for future in pending:
@@ -259,7 +260,7 @@ def read_parquet_chunks(path, *, channels: Sequence[int | str] = (0, 1, 2, 3), c
         raise ConvertError(f"chunk_size {chunk_size}: it must be at least 1")
     if threads < 1:
         raise ConvertError(f"threads {threads}: it must be at least 1")
-    src = _inspect(Path(path))
+    src = inspect_file(Path(path))
     starts = src.group_starts
     if rows is None:
         wanted = np.arange(src.num_rows, dtype=np.int64)
@@ -268,10 +269,10 @@ def read_parquet_chunks(path, *, channels: Sequence[int | str] = (0, 1, 2, 3), c
         if wanted.ndim != 1 or (wanted.size and (np.any(np.diff(wanted) <= 0) or wanted[0] < 0
                                                  or wanted[-1] >= src.num_rows)):
             raise ConvertError(f"{path}: rows must be sorted, unique row numbers in 0..{src.num_rows - 1}")
-    chunks = list(_file_chunks(src, wanted, None, chunk_size, channels, clip, src.scalars))
+    chunks = list(file_chunks(src, wanted, None, chunk_size, channels, clip, src.scalars))
     try:
         with closing(_prefetched((chunk for _, chunk in chunks), threads)) as results:   # readers stop first
             for (first, _), result in zip(chunks, results):
                 yield first, result.dense(), result.scalars
     finally:
-        _cached_parquet.cache_clear()
+        cached_parquet.cache_clear()

@@ -1,10 +1,14 @@
-"""Reading the converter's Parquet inputs: its lowest layer, importing only `pipeline.layout`.
+"""Reading the converter's Parquet inputs: its lowest layer, importing only `pipeline.layout` (and
+`pipeline.errors`, for the base of ConvertError).
 
-It holds the input list and the footers (pass 0: `expand_inputs`, `resolve_inputs`, `_inspect`, the column
-aliases), the decoding and checking of one chunk of row groups into float16 (`_Chunk`, `_decode`: nulls, list
-lengths, finite values, float16 range, statistics of the stored values), `ConvertError`, which every converter
-file raises, and `parse_channels`. Above it: `pipeline.cuts` (pass 1), `pipeline.parallel` (threads, worker
-pool, shards, `read_parquet_chunks`) and `pipeline.convert` (plan, HDF5 writing, CLI).
+It holds the input list and the footers (pass 0: `expand_inputs`, `resolve_inputs`, `inspect_file` ->
+`Source`, the column aliases), the decoding and checking of one chunk of row groups into float16
+(`file_chunks` -> `Chunk`, `read_chunk`, `decode_chunk` -> `DecodedChunk`: nulls, list lengths, finite
+values, float16 range, statistics of the stored values), `ConvertError`, which every converter file raises,
+and `parse_channels`. Above it: `pipeline.cuts` (pass 1), `pipeline.parallel` (threads, worker pool, shards,
+`read_parquet_chunks`) and `pipeline.convert` (plan, HDF5 writing, CLI). Every name without a leading
+underscore is used by one of them, or by `benchmarks/bench_convert.py`, which times the stages of
+`decode_chunk` one by one.
 """
 from __future__ import annotations
 
@@ -19,12 +23,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import layout
+from pipeline.errors import UserError
 
 IMAGE_SHAPE = (len(layout.CHANNEL_NAMES), layout.IMAGE_SIZE, layout.IMAGE_SIZE)   # (8, 125, 125) per row
 PIXELS = layout.IMAGE_SIZE * layout.IMAGE_SIZE
 
 
-class ConvertError(Exception):
+class ConvertError(UserError):
     """Bad input or options; the message is one line naming the file / row / column and what to do."""
 
 
@@ -55,7 +60,7 @@ def parse_channels(channels: Sequence[int | str] | str) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------------------------------------
 
 @dataclass
-class _Source:
+class Source:
     """What the footer of one input file says."""
     path: str
     name: str
@@ -107,20 +112,22 @@ def resolve_inputs(inputs: Sequence[str]) -> list[Path]:
     return sorted((p.resolve() for p in expand_inputs(inputs)), key=lambda p: (p.name, str(p)))
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """A library's error text as one line of at most 300 characters, for the parenthesis of a ConvertError."""
     return " ".join(str(exc).split())[:300]
 
 
 def _open_parquet(path: str) -> pq.ParquetFile:
+    """The parsed footer of `path`; ConvertError (one line) when it is not a readable Parquet file."""
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise ConvertError(f"{path}: not a readable Parquet file ({_one_line(exc)}); check that it is a "
+        raise ConvertError(f"{path}: not a readable Parquet file ({one_line(exc)}); check that it is a "
                            f"complete Parquet file") from None
 
 
 @lru_cache(maxsize=1)
-def _cached_parquet(path: str) -> pq.ParquetFile:
+def cached_parquet(path: str) -> pq.ParquetFile:
     """The open file, one per process: a 150,000-row-group footer takes ~1 s and hundreds of MB to parse, so
     passes 0, 1 and 2 share it when there is one input (else each pass opens each file once) and only one is
     held at a time. `convert` clears it at the end, so a file rewritten between two calls is read anew."""
@@ -171,9 +178,9 @@ def _columns(path: str, schema: pa.Schema) -> tuple[str, dict[str, str], list[st
     return image, scalars, ignored
 
 
-def _inspect(path: Path) -> _Source:
+def inspect_file(path: Path) -> Source:
     """Pass 0 for one file: schema and row-group sizes from the footer."""
-    pf = _cached_parquet(str(path))
+    pf = cached_parquet(str(path))
     image, scalars, ignored = _columns(str(path), pf.schema_arrow)
     md = pf.metadata
     # metadata only (a few microseconds per row group), not data
@@ -181,7 +188,7 @@ def _inspect(path: Path) -> _Source:
                          md.num_row_groups)
     starts = np.zeros(len(counts) + 1, np.int64)
     np.cumsum(counts, out=starts[1:])
-    return _Source(str(path), path.name, path.stat().st_size, image, scalars, ignored, starts)
+    return Source(str(path), path.name, path.stat().st_size, image, scalars, ignored, starts)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -189,7 +196,7 @@ def _inspect(path: Path) -> _Source:
 # ----------------------------------------------------------------------------------------------------------
 
 @dataclass
-class _Chunk:
+class Chunk:
     """One read: row groups `groups` of `path`, of which the rows `select` are kept."""
     path: str
     image_column: str
@@ -203,7 +210,7 @@ class _Chunk:
 
 
 @dataclass
-class _Result:
+class DecodedChunk:
     """One decoded chunk, sparse: what a worker sends back is ~100x smaller than the dense float16 images."""
     n: int                             # rows kept
     parts: list = field(default_factory=list)   # per channel: (positions in (n, 15625) | None, values)
@@ -235,16 +242,18 @@ class _Result:
                 out[r, j, p] = 0
 
 
-def _read(pf: pq.ParquetFile, path: str, groups: np.ndarray, columns: list[str], use_threads: bool = True
-          ) -> pa.Table:
+def read_row_groups(pf: pq.ParquetFile, path: str, groups: np.ndarray, columns: list[str],
+                    use_threads: bool = True) -> pa.Table:
+    """`columns` of row groups `groups` of the open file `pf` (`path`); ConvertError (one line) when the data
+    cannot be read (a corrupt or truncated file)."""
     try:
         return pf.read_row_groups(groups.tolist(), columns=columns, use_threads=use_threads)
     except (pa.ArrowException, OSError) as exc:
-        raise ConvertError(f"{path}: cannot read row groups {groups[0]}-{groups[-1]} ({_one_line(exc)}); the "
+        raise ConvertError(f"{path}: cannot read row groups {groups[0]}-{groups[-1]} ({one_line(exc)}); the "
                            f"file is corrupt or truncated") from None
 
 
-def _flat_images(column: pa.ChunkedArray, path: str, name: str, table_rows: np.ndarray) -> np.ndarray:
+def flat_images(column: pa.ChunkedArray, path: str, name: str, table_rows: np.ndarray) -> np.ndarray:
     """The image column of a chunk -> one flat float64/float32 numpy array (n * 8 * 125 * 125), zero copy.
     Nulls (Arrow's counts) and list lengths (numpy on the offsets) are checked level by level, vectorised;
     only a failure looks for the first offending row."""
@@ -302,37 +311,40 @@ def _where(path: str, table_rows: np.ndarray, i: int, per_row: int, depth: int) 
 
 def to_float16(values: np.ndarray) -> np.ndarray:
     """float64 or float32 values -> float16 rounded once, correctly (numpy's cast); overflow becomes inf and
-    NaN stays NaN (`_bad_values` looks for both afterwards).
+    NaN stays NaN (`bad_values` looks for both afterwards).
 
     numpy's cast is a scalar loop (2-4 ns a value) and torch's F16C cast is ~5x faster, but torch rounds
     float64 through float32, and rounding twice differs from rounding once in about 1 value in 8192 (those
     whose float32 lands exactly on a float16 midpoint). Since only the nonzero values are cast
-    (`_round_channel`), the cast is no longer where the time goes (see the README's profile)."""
+    (`round_channel`), the cast is no longer where the time goes (docs/performance.md, "Converter": the
+    profile)."""
     with np.errstate(over="ignore", invalid="ignore"):
         return values.astype(np.float16)
 
 
-def _read_chunk(chunk: _Chunk, pf: pq.ParquetFile | None = None) -> pa.Table:
+def read_chunk(chunk: Chunk, pf: pq.ParquetFile | None = None) -> pa.Table:
     """Decode the chunk's row groups (pyarrow, which releases the GIL): the image column and any scalars.
     pyarrow's own threads stay off: a single column is decoded on one thread anyway, and with two readers they
-    cost 15-20 % more CPU; the parallelism is ours, over chunks (`_prefetched`, `--workers`)."""
+    cost 15-20 % more CPU; the parallelism is ours, over chunks (`pipeline.parallel`: reader threads,
+    `--workers`)."""
     columns = [chunk.image_column] + [c for c in chunk.scalars.values() if c != chunk.image_column]
-    return _read(pf or _cached_parquet(chunk.path), chunk.path, chunk.groups, columns, use_threads=False)
+    return read_row_groups(pf or cached_parquet(chunk.path), chunk.path, chunk.groups, columns,
+                           use_threads=False)
 
 
-def _decode(chunk: _Chunk, table: pa.Table) -> _Result:
+def decode_chunk(chunk: Chunk, table: pa.Table) -> DecodedChunk:
     """Check, round and (for the train rows) sum one decoded chunk."""
     n_read = table.num_rows
     if n_read != len(chunk.table_rows):
         raise ConvertError(f"{chunk.path}: row groups {chunk.groups[0]}-{chunk.groups[-1]} hold {n_read} "
                            f"rows, the footer says {len(chunk.table_rows)}; the file is corrupt")
-    flat = _flat_images(table.column(0), chunk.path, chunk.image_column, chunk.table_rows)
+    flat = flat_images(table.column(0), chunk.path, chunk.image_column, chunk.table_rows)
     raw = flat.reshape(n_read, IMAGE_SHAPE[0], PIXELS)                      # (n_read, 8, 15625), zero copy
     source_rows = chunk.table_rows
     if chunk.select is not None:       # row groups of several rows, some cut: copy the kept rows (rare)
         raw, source_rows = raw[chunk.select], chunk.table_rows[chunk.select]
     n, channels = len(raw), chunk.channels
-    result = _Result(n)
+    result = DecodedChunk(n)
     if chunk.train is not None:
         result.n_train = int(chunk.train.sum())
         result.sums, result.sumsqs, result.maxes = np.zeros(len(channels)), np.zeros(len(channels)), \
@@ -340,9 +352,9 @@ def _decode(chunk: _Chunk, table: pa.Table) -> _Result:
     bad = []
     for j, c in enumerate(channels):
         # (n, 15625) strided views: the unused channels are never copied
-        positions, values = _round_channel(raw[:, c])
+        positions, values = round_channel(raw[:, c])
         result.parts.append((positions, values))
-        found = _bad_values(values, positions, raw[:, c])
+        found = bad_values(values, positions, raw[:, c])
         if found is not None:
             bad.append((j, *found))
             if not chunk.clip or not found[3].all():
@@ -350,16 +362,16 @@ def _decode(chunk: _Chunk, table: pa.Table) -> _Result:
             values[found[0]] = np.where(found[2] > 0, layout.FLOAT16_MAX, -layout.FLOAT16_MAX)
             result.clipped += int(found[0].size)
         if chunk.train is not None:
-            _add_stats(result, j, values, positions, chunk.train)
+            add_stats(result, j, values, positions, chunk.train)
     if bad and (not chunk.clip or not all(b[4].all() for b in bad)):
         _raise_bad(bad, chunk, source_rows)
     for canon, source in chunk.scalars.items():
-        values = _scalar_values(table.column(source), chunk.path, source, chunk.table_rows)
+        values = scalar_values(table.column(source), chunk.path, source, chunk.table_rows)
         result.scalars[canon] = values if chunk.select is None else values[chunk.select]
     return result
 
 
-def _round_channel(src: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+def round_channel(src: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
     """Round one channel, src (n, 15625) float64/32 (a strided view) -> (positions, float16 values).
 
     The images are sparse (> 95 % zeros), so only the nonzero source values are found (one integer compare:
@@ -374,7 +386,7 @@ def _round_channel(src: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
     return positions, to_float16(src[r, p])
 
 
-def _bad_values(values: np.ndarray, positions: np.ndarray | None, src: np.ndarray):
+def bad_values(values: np.ndarray, positions: np.ndarray | None, src: np.ndarray):
     """NaN and inf survive the cast and overflow becomes inf, so one integer test on the float16 exponent bits
     finds every bad value. None if all is well, else (indices into values, flat positions, source values,
     overflow mask: finite sources beyond float16's range)."""
@@ -388,7 +400,7 @@ def _bad_values(values: np.ndarray, positions: np.ndarray | None, src: np.ndarra
     return idx, where, source, np.isfinite(source)
 
 
-def _raise_bad(bad: list, chunk: _Chunk, source_rows: np.ndarray) -> None:
+def _raise_bad(bad: list, chunk: Chunk, source_rows: np.ndarray) -> None:
     """The error for the first bad value in row order (NaN / inf first under --clip)."""
     best = None
     for j, _, where, source, overflow in bad:
@@ -408,8 +420,8 @@ def _raise_bad(bad: list, chunk: _Chunk, source_rows: np.ndarray) -> None:
                        f"the input or pass --clip")
 
 
-def _add_stats(result: _Result, j: int, values: np.ndarray, positions: np.ndarray | None,
-               train: np.ndarray) -> None:
+def add_stats(result: DecodedChunk, j: int, values: np.ndarray, positions: np.ndarray | None,
+              train: np.ndarray) -> None:
     """Sum, sum of squares and max of channel j's STORED float16 values over the train rows, in float64
     (float16 -> float64 and the squares are exact; only the sums round). Unlisted entries are zeros."""
     if positions is None:
@@ -423,7 +435,7 @@ def _add_stats(result: _Result, j: int, values: np.ndarray, positions: np.ndarra
     result.maxes[j] = max(top, 0.0) if x.size < result.n_train * PIXELS else top
 
 
-def _scalar_values(column: pa.ChunkedArray, path: str, name: str, table_rows: np.ndarray) -> np.ndarray:
+def scalar_values(column: pa.ChunkedArray, path: str, name: str, table_rows: np.ndarray) -> np.ndarray:
     """A scalar column -> float64 numpy; nulls, NaN and inf are errors naming the first bad row."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if column.null_count:
@@ -439,9 +451,9 @@ def _scalar_values(column: pa.ChunkedArray, path: str, name: str, table_rows: np
     return values
 
 
-def _file_chunks(src: _Source, kept: np.ndarray, train: np.ndarray | None, chunk_size: int,
-                 channels: tuple[int, ...], clip: bool, scalars: dict[str, str] | None = None
-                 ) -> Iterator[tuple[int, _Chunk]]:
+def file_chunks(src: Source, kept: np.ndarray, train: np.ndarray | None, chunk_size: int,
+                channels: tuple[int, ...], clip: bool, scalars: dict[str, str] | None = None
+                ) -> Iterator[tuple[int, Chunk]]:
     """Chunks of `chunk_size` row groups holding the (sorted) rows `kept` of one file, with the position of
     each chunk's first kept row. Row groups without a kept row are not read."""
     group_of = np.searchsorted(src.group_starts, kept, side="right") - 1        # (n_kept,)
@@ -456,5 +468,5 @@ def _file_chunks(src: _Source, kept: np.ndarray, train: np.ndarray | None, chunk
             + np.arange(int(counts.sum()))
         mine = kept[lo:hi]
         select = None if len(mine) == len(table_rows) else np.searchsorted(table_rows, mine)
-        yield lo, _Chunk(src.path, src.image_column, groups, table_rows, select,
-                         None if train is None else train[lo:hi], channels, clip, dict(scalars or {}))
+        yield lo, Chunk(src.path, src.image_column, groups, table_rows, select,
+                        None if train is None else train[lo:hi], channels, clip, dict(scalars or {}))

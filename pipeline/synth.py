@@ -39,6 +39,8 @@ import pyarrow.parquet as pq
 from click.core import ParameterSource
 from tqdm import tqdm
 
+from pipeline.cli import command, force_option, user_errors
+from pipeline.files import atomic_write_text, os_cause
 from pipeline.signals import STOP_SIGNALS, StopFlag, exit_on_interrupt
 from pipeline.synth_physics import PROCESSES, SynthError, simulate
 # re-exported: the public names of the physics and the report, importable from pipeline.synth as before
@@ -107,12 +109,6 @@ def to_table(events: dict[str, np.ndarray], *, dtype: str = "float64",
 
 def file_name(process: str, i_file: int) -> str:
     return f"{process}_synth_{i_file:03d}.parquet"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_file(path: Path, config: SynthConfig, i_file: int, bar: tqdm | None = None,
@@ -192,16 +188,14 @@ def generate(out_dir, config: SynthConfig, force: bool = False, *, progress: boo
         for stale in set(existing) - set(paths):
             stale.unlink(missing_ok=True)
         target = out / "synth_config.json"
-        _atomic_write_text(target, json.dumps(asdict(config), indent=2) + "\n")
+        atomic_write_text(target, json.dumps(asdict(config), indent=2) + "\n")
     except BaseException as exc:
         if force and done:
             for old in [*set(existing) - set(done), out / "synth_config.json"]:
                 old.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            cause = (f"[Errno {exc.errno}] {os.strerror(exc.errno)}" if exc.errno    # not pyarrow's paragraph
-                     else " ".join(str(exc).split()))
-            raise SynthError(f"cannot write {target}: {cause}; {len(done)} of {config.files} file(s) were "
-                             f"finished before it, synth_config.json was not written") from None
+        if isinstance(exc, OSError):      # os_cause: the errno's text, not pyarrow's paragraph
+            raise SynthError(f"cannot write {target}: {os_cause(exc)}; {len(done)} of {config.files} file(s) "
+                             f"were finished before it, synth_config.json was not written") from None
         raise
     return paths
 
@@ -213,7 +207,7 @@ def generate(out_dir, config: SynthConfig, force: bool = False, *, progress: boo
 _DEFAULTS = {f.name: f.default for f in fields(SynthConfig)}
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@command()
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--process", type=click.Choice(PROCESSES), default=_DEFAULTS["process"], show_default=True,
               help="top: boosted t -> bqq' jets (m 85-500, pT 400-1000 GeV); a2gg: A -> gamma gamma "
@@ -232,7 +226,7 @@ _DEFAULTS = {f.name: f.default for f in fields(SynthConfig)}
               help="Element type of the image lists.")
 @click.option("--legacy-names", is_flag=True,
               help="Name the columns X_jets / am / apt instead of X_jet / m / pt.")
-@click.option("--force", is_flag=True, help="Replace existing {process}_synth_*.parquet files in OUT_DIR.")
+@force_option("Replace existing {process}_synth_*.parquet files in OUT_DIR.")
 @click.option("--report", "show_report", is_flag=True,
               help="After writing, print per-channel statistics of the files beside the real data's "
                    "(occupancy, nonzero and all-pixel mean/std, bytes per row).")
@@ -260,9 +254,10 @@ def main(out_dir, process, rows, files, rows_per_group, seed, chunk_rows, dtype,
         if given:
             raise click.UsageError(f"--report-only writes nothing: drop {', '.join(given)}")
         paths = sorted(out_dir.glob("*.parquet")) if out_dir.is_dir() else []
-        if not paths:
-            raise click.ClickException(f"{out_dir} holds no *.parquet files to report on")
-        _echo_report(paths)
+        with user_errors():
+            if not paths:
+                raise SynthError(f"{out_dir} holds no *.parquet files to report on")
+            _echo_report(paths)
         return
     config = SynthConfig(process=process, rows=rows, files=files, rows_per_group=rows_per_group, seed=seed,
                          chunk_rows=chunk_rows, dtype=dtype, legacy_names=legacy_names)
@@ -272,25 +267,25 @@ def main(out_dir, process, rows, files, rows_per_group, seed, chunk_rows, dtype,
     with exit_on_interrupt(f"generation of {files} {process} file(s) in {out_dir}",
                            "the files finished before it are whole, the one in progress was discarded, "
                            "synth_config.json was not written"), \
-            StopFlag((signal.SIGINT, *STOP_SIGNALS)) as stop:
-        try:
-            paths = generate(out_dir, config, force=force, progress=True, stop=stop)
-        except SynthError as exc:
-            raise click.ClickException(str(exc)) from None
+            StopFlag((signal.SIGINT, *STOP_SIGNALS)) as stop, user_errors():
+        paths = generate(out_dir, config, force=force, progress=True, stop=stop)
     seconds = time.perf_counter() - start
     size = sum(p.stat().st_size for p in paths)
     total = rows * files
     click.echo(f"wrote {len(paths)} file(s), {total} rows, {size / 1e6:.1f} MB in {seconds:.1f} s "
                f"({total / seconds:.0f} rows/s) to {out_dir}")
     if show_report:
-        _echo_report(paths)
+        with user_errors():
+            _echo_report(paths)
 
 
 def _echo_report(paths: list[Path]) -> None:
+    """Print the report of `paths`; a file pyarrow cannot read is a SynthError of pyarrow's first line."""
     try:
-        click.echo(format_report(report(paths)))
-    except (SynthError, OSError, pa.ArrowException) as exc:
-        raise click.ClickException(str(exc).splitlines()[0]) from exc
+        text = format_report(report(paths))
+    except pa.ArrowException as exc:
+        raise SynthError(str(exc).splitlines()[0]) from exc
+    click.echo(text)
 
 
 if __name__ == "__main__":

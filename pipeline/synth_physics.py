@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.errors import UserError
 from pipeline.layout import CHANNEL_NAMES, IMAGE_SIZE
 
 PROCESSES = ("top", "a2gg")
@@ -104,7 +105,8 @@ K_BEND = 0.3 * 3.8 / 2         # GeV/m: a track of pT turns by asin(K_BEND * r /
 CHARGED, PHOTON, NEUTRAL = 0, 1, 2
 SPECIES_P = (0.60, 0.25, 0.15)
 
-# Pileup and secondary interactions (see the module docstring; tuned to CONTEXT.md's real-data statistics).
+# Pileup and secondary interactions (see the module docstring; tuned to the real data's statistics,
+# docs/data.md).
 PILEUP_MEAN = 15.0             # pileup particles per image (Poisson); pixel-layer occupancy bounds it
 SIGMA_Z = 5.0                  # cm, length of the luminous region: vertex z ~ N(0, SIGMA_Z)
 P_NUCLEAR = 0.15               # probability that a hadron interacts in the tracker material (r < R_SEC[1])
@@ -120,9 +122,10 @@ HCAL_CORE = 0.9                # fraction of a hadron's HCAL energy in its own t
 CH = {name: i for i, name in enumerate(CHANNEL_NAMES)}
 
 
-class SynthError(ValueError):
+class SynthError(UserError, ValueError):
     """Bad configuration or output directory; the message is one line and says what to do. Defined here, at
-    the bottom of the three synth modules, so that all of them raise the one type."""
+    the bottom of the three synth modules, so that all of them raise the one type. (Still a ValueError too,
+    as it was before UserError existed, for callers that catch that.)"""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -388,29 +391,48 @@ def _smear(e: np.ndarray, stochastic: float, constant: float, rng: np.random.Gen
 
 def render(n: int, axis_eta: np.ndarray, axis_phi: np.ndarray, parts: dict,
            rng: np.random.Generator) -> np.ndarray:
-    """Detector response to flat particle arrays: images (n, 8, 125, 125) float64 in GeV / cm / hits."""
-    images = np.zeros((n, len(CHANNEL_NAMES), IMAGE_SIZE, IMAGE_SIZE))
-    ev, eta, phi, e = parts["ev"], parts["eta"], parts["phi"], parts["e"]
-    species, charge = parts["species"], parts["charge"]
-    pt = np.maximum(e / np.cosh(eta), 1e-12)
-    charged = species == CHARGED
+    """Detector response to flat particle arrays: images (n, 8, 125, 125) float64 in GeV / cm / hits.
 
-    # --- tracker: pixel hits at the layer radii (bent) for tracks produced inside them
-    c_ev, c_eta, c_phi, c_pt, c_q = ev[charged], eta[charged], phi[charged], pt[charged], charge[charged]
-    c_r0 = parts["r0"][charged]
+    The steps draw from `rng` in a fixed order (pixel layers, tracks, calorimeter energies, ECAL noise, HCAL
+    noise), so that a chunk's images depend on its seed alone."""
+    images = np.zeros((n, len(CHANNEL_NAMES), IMAGE_SIZE, IMAGE_SIZE))
+    pt = np.maximum(parts["e"] / np.cosh(parts["eta"]), 1e-12)
+    charged = parts["species"] == CHARGED
+    _pixel_layers(images, axis_eta, axis_phi, parts, pt, charged, rng)
+    # every particle is placed where it meets the ECAL; loopers (pT < 0.735 GeV) never do: their tracks are
+    # drawn at their direction at the vertex, and they deposit nothing
+    reach_ecal = ~charged | (K_BEND * R_ECAL / pt < 1.0)
+    bend = np.where(reach_ecal, parts["charge"] * np.arcsin(np.minimum(K_BEND * R_ECAL / pt, 1.0)), 0.0)
+    cell = _pixel(parts["ev"], parts["eta"], parts["phi"] + bend, axis_eta, axis_phi)   # (row, col, inside)
+    _tracks(images, parts, pt, charged, cell, rng)
+    energies = _calo_energies(parts, charged, rng)
+    _ecal(images, parts, reach_ecal, cell, energies, rng)
+    _hcal(images, parts, reach_ecal, cell, energies["had"], rng)
+    # every energy left is above 1e-3 of its channel's reference scale (track pT > 0.735 GeV >= 1e-3 / 0.01,
+    # ECAL >= 0.1 GeV >= 1e-3 / 0.1, HCAL >= 0.5 / 25 GeV >= 1e-3 / 1): the zero suppression of the real data
+    return images
+
+
+def _pixel_layers(images: np.ndarray, axis_eta: np.ndarray, axis_phi: np.ndarray, parts: dict,
+                  pt: np.ndarray, charged: np.ndarray, rng: np.random.Generator) -> None:
+    """Tracker: pixel hits (channels pix1-3) at the layer radii, bent, for tracks produced inside them."""
+    n = images.shape[0]
+    c_ev, c_eta, c_phi = parts["ev"][charged], parts["eta"][charged], parts["phi"][charged]
+    c_pt, c_q, c_r0 = pt[charged], parts["charge"][charged], parts["r0"][charged]
     for layer, radius in enumerate(R_PIXEL):
         reach = (K_BEND * radius / c_pt < 1.0) & (c_r0 < radius)
         bend = c_q * np.arcsin(np.minimum(K_BEND * radius / c_pt, 1.0))
         row, col, inside = _pixel(c_ev, c_eta, c_phi + bend, axis_eta, axis_phi)
         hit = inside & reach & (rng.random(c_pt.shape) < 0.97)
         images[:, CH["pix1"] + layer] = _fill(n, c_ev, row, col, np.ones_like(c_pt), hit)
-    # every particle is placed where it meets the ECAL; loopers (pT < 0.735 GeV) never do: their tracks are
-    # drawn at their direction at the vertex, and they deposit nothing
-    reach_ecal = ~charged | (K_BEND * R_ECAL / pt < 1.0)
-    bend = np.where(reach_ecal, charge * np.arcsin(np.minimum(K_BEND * R_ECAL / pt, 1.0)), 0.0)
-    row, col, inside = _pixel(ev, eta, phi + bend, axis_eta, axis_phi)
 
-    n_p = e.shape[0]
+
+def _tracks(images: np.ndarray, parts: dict, pt: np.ndarray, charged: np.ndarray, cell: tuple,
+            rng: np.random.Generator) -> None:
+    """Tracks (channels track_pt, dz, d0) at their pixel `cell` on the ECAL surface: the summed pT, and the
+    pT-weighted mean of the impact parameters (displacement plus the prompt resolution) where tracks share."""
+    n, ev, (row, col, inside) = images.shape[0], parts["ev"], cell
+    n_p = parts["e"].shape[0]
     prompt = 0.002 + 0.008 / np.maximum(pt, 1.0)                        # cm, impact parameter resolution
     dz = parts["dz"] + prompt * rng.standard_normal(n_p)
     d0 = parts["d0"] + prompt * rng.standard_normal(n_p)
@@ -422,41 +444,52 @@ def render(n: int, axis_eta: np.ndarray, axis_phi: np.ndarray, parts: dict,
         images[:, CH[name]] = np.divide(_fill(n, ev, row, col, pt * ip, track), sum_pt,
                                         out=np.zeros_like(sum_pt), where=has)
 
-    # --- calorimeters: photons shower in ECAL; a hadron starts showering in ECAL (P_EARLY, 10-60 % of its
-    # energy there, wide) or crosses it as a MIP, and leaves the rest in HCAL; hadron showers show
-    # HAD_RESPONSE of their energy. Secondaries (calo False) deposit nothing of their own.
-    calo = inside & reach_ecal & parts["calo"]                          # deposits centred in the image
-    calo_wide = reach_ecal & parts["calo"]                              # showers centred anywhere
+
+def _calo_energies(parts: dict, charged: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Each particle's measured calorimeter energies (GeV), smeared: "em" (a photon's, in ECAL), "mip" (a
+    charged hadron crossing ECAL), "early" (the part of a hadron shower that starts in ECAL: P_EARLY, 10-60 %
+    of its energy) and "had" (the rest, in HCAL); hadron showers show HAD_RESPONSE of their energy."""
+    e, species = parts["e"], parts["species"]
+    n_p = e.shape[0]
     hadron = species != PHOTON
     early = hadron & (rng.random(n_p) < P_EARLY)
     mip = np.where(charged & ~early, np.minimum(e, 0.25 + rng.exponential(0.05, n_p)), 0.0)
     e_em = np.where(species == PHOTON, e, 0.0)
     e_early = np.where(early, e * rng.uniform(0.1, 0.6, n_p), 0.0)
     e_had = np.where(hadron, e - e_early - mip, 0.0)
-    e_em = _smear(e_em, 0.03, 0.005, rng)
-    mip = _smear(mip, 0.03, 0.005, rng)
-    e_early = HAD_RESPONSE * _smear(e_early, 1.0, 0.05, rng)
-    e_had = HAD_RESPONSE * _smear(e_had, 1.0, 0.05, rng)
+    return {"em": _smear(e_em, 0.03, 0.005, rng), "mip": _smear(mip, 0.03, 0.005, rng),
+            "early": HAD_RESPONSE * _smear(e_early, 1.0, 0.05, rng),
+            "had": HAD_RESPONSE * _smear(e_had, 1.0, 0.05, rng)}
 
-    ecal = _scatter(n, ev, row, col, e_em, calo_wide, _em_kernel())
-    ecal += _scatter(n, ev, row, col, e_early, calo_wide, _had_kernel())
-    ecal += _fill(n, ev, row, col, mip, calo)
+
+def _ecal(images: np.ndarray, parts: dict, reach_ecal: np.ndarray, cell: tuple, energies: dict,
+          rng: np.random.Generator) -> None:
+    """ECAL (channel ecal): photon showers, the ECAL part of early hadron showers (centred anywhere, their
+    tails may come in), MIPs in their crystal; noise, then zero suppression. Secondaries (calo False) deposit
+    nothing of their own."""
+    n, ev, (row, col, inside) = images.shape[0], parts["ev"], cell
+    calo = inside & reach_ecal & parts["calo"]                          # deposits centred in the image
+    calo_wide = reach_ecal & parts["calo"]                              # showers centred anywhere
+    ecal = _scatter(n, ev, row, col, energies["em"], calo_wide, _em_kernel())
+    ecal += _scatter(n, ev, row, col, energies["early"], calo_wide, _had_kernel())
+    ecal += _fill(n, ev, row, col, energies["mip"], calo)
     ecal += ECAL_NOISE * rng.standard_normal(ecal.shape, dtype=np.float32)   # electronic noise per crystal
     ecal[ecal < ECAL_ZS] = 0.0                                          # zero suppression
     images[:, CH["ecal"]] = ecal
 
-    # HCAL: towers = 5 x 5 blocks of the image grid, (n, 25, 25); HCAL_CORE of a hadron's energy in its tower,
-    # the rest shared by the 8 around (lateral leakage); each tower spread uniformly over its 25 pixels
+
+def _hcal(images: np.ndarray, parts: dict, reach_ecal: np.ndarray, cell: tuple, e_had: np.ndarray,
+          rng: np.random.Generator) -> None:
+    """HCAL (channel hcal): towers = 5 x 5 blocks of the image grid, (n, 25, 25); HCAL_CORE of a hadron's
+    energy in its tower, the rest shared by the 8 around (lateral leakage); noise and zero suppression per
+    tower, then each tower spread uniformly over its 25 pixels."""
+    n, (row, col, _) = images.shape[0], cell
     n_t = IMAGE_SIZE // TOWER
-    towers = _scatter(n, ev, np.floor_divide(row, TOWER), np.floor_divide(col, TOWER), e_had, calo_wide,
-                      _tower_kernel(), n_t)
+    towers = _scatter(n, parts["ev"], np.floor_divide(row, TOWER), np.floor_divide(col, TOWER), e_had,
+                      reach_ecal & parts["calo"], _tower_kernel(), n_t)
     towers += HCAL_NOISE * rng.standard_normal(towers.shape)
     towers[towers < HCAL_ZS] = 0.0
     images[:, CH["hcal"]] = np.repeat(np.repeat(towers, TOWER, axis=1), TOWER, axis=2) / TOWER ** 2
-
-    # every energy left is above 1e-3 of its channel's reference scale (track pT > 0.735 GeV >= 1e-3 / 0.01,
-    # ECAL >= 0.1 GeV >= 1e-3 / 0.1, HCAL >= 0.5 / 25 GeV >= 1e-3 / 1): the zero suppression of the real data
-    return images
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 Parquet files in the real schema (generated or real) beside the real data's published figures, and the
 calibration of `pipeline.synth_physics` that they guided.
 
-Calibration against the real data (CONTEXT.md "Real-data statistics"; `report`, `--report`): 500 top jets,
+Calibration against the real data (its statistics: docs/data.md; `report`, `--report`): 500 top jets,
 seed 1, now and before this calibration, beside the real figures; nonzero pixels counted at the real figures'
 thresholds (track pT >= 1 GeV, also for the dz / d0 pixels; ECAL >= 0.1 GeV; HCAL >= 0.01 GeV):
 
@@ -16,7 +16,7 @@ thresholds (track pT >= 1 GeV, also for the dz / d0 pixels; ECAL >= 0.1 GeV; HCA
     | dz / d0 std of nonzero, pT >= 1 GeV (cm) | 4.9 / 3.2 | 0.04 / 0.04 | 3.9 / 2.4 |
     | Parquet bytes per row | 7,064 | 4,121 | 7,791 |
 
-  Where CONTEXT.md is uncertain or inconsistent, what was trusted:
+  Where those figures are uncertain or inconsistent, what was trusted:
   * The impact parameters. The nonzero std of dz / d0 (3.9 / 2.4 cm on 1,024 jets, tracks >= 1 GeV) and
     the all-pixel std (0.47 / 0.77 cm on 10 jets, all tracks; another sample 0.71 / 4.25) cannot both come
     from the ~27 tracks of >= 1 GeV: those would need a nonzero std of ~11 / ~20 cm. Both are kept by putting
@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from pipeline.layout import CHANNEL_NAMES, COLUMN_ALIASES, IMAGE_SIZE, finish_stats
 from pipeline.synth_physics import CH, SynthError
 
-# CONTEXT.md "Real-data statistics" (public notebooks on top_gun_opendata; small samples, about +-30 %).
+# The real data's statistics (docs/data.md: public notebooks on top_gun_opendata; small samples, +-30 %).
 # Per channel: the threshold that notebook applied before counting (dz / d0 are counted on the pixels whose
 # track pT passes it; the pixel layers had none), nonzero pixels per jet, mean / std / max of the nonzero
 # values (1,024 jets), then the all-pixel mean / std (10 jets). None where no figure was published.
@@ -141,7 +141,7 @@ def _g(value, digits: int = 3) -> str:
 def format_report(rep: dict) -> str:
     """The report of `report` as a Markdown table, each figure beside the real one (`real`)."""
     lines = [f"{rep['rows']} jets from {rep['files']} file(s). 'real': the top_gun_opendata figures of "
-             f"CONTEXT.md (top jets, small samples, about +-30 %). Nonzero counts and nonzero mean/std/max "
+             f"docs/data.md (top jets, small samples, about +-30 %). Nonzero counts and nonzero mean/std/max "
              f"after the real figure's threshold; all-pixel mean/std raw.", "",
              "| channel | threshold | nonzero / jet | real | raw nonzero / jet | mean nonzero | real | "
              "std nonzero | real | max abs | real | all-pixel mean | real | all-pixel std | real |",

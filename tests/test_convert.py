@@ -1,7 +1,8 @@
 """pipeline.convert: stored rows, cuts, split, statistics and errors against independent numpy oracles.
 
-The Parquet files are written here from numpy arrays that stay in memory (the oracle), in the real schema
-(list<list<list<double>>> image column, float64 scalars, one row per row group unless said otherwise).
+The Parquet files are written from numpy arrays that stay in memory (the oracle) by the builders in
+conftest.py, in the real schema (list<list<list<double>>> image column, float64 scalars, one row per row group
+unless said otherwise).
 Tiny sizes: tens of rows (each row is 8 x 125 x 125 doubles, 1 MB).
 """
 from __future__ import annotations
@@ -17,55 +18,17 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from conftest import HAZARDS, make_rows, nested, write_parquet
 from pipeline import convert as C
 from pipeline import inspect as I
 from pipeline import layout, parallel
 from pipeline.convert import ConvertConfig, convert
-from pipeline.cuts import parse_cut
+from pipeline.cuts import parse_cut, rows_passing
+from pipeline.errors import UserError
 from pipeline.parallel import read_parquet_chunks
 from pipeline.parquet import ConvertError
 
 P = layout.IMAGE_SIZE
-# rounding hazards written into channel 3 of every row: float16 midpoints just above / below / exact
-# (rounding through float32 would get the first wrong), values in float16's subnormal range, a negative zero,
-# an underflow
-HAZARDS = [1 + 2**-11 + 2**-40, 1 + 2**-11 - 2**-40, 1 + 2**-11, 3 * 2**-25 + 2**-45, 2**-20 + 2**-40,
-           -0.0, 1e-9]
-
-
-def nested(images: np.ndarray) -> pa.Array:
-    """(n, C, H, W) numpy -> list<list<list<value>>> built from offsets (as the real files hold them)."""
-    n, c, h, w = images.shape
-    values = pa.array(np.ascontiguousarray(images).reshape(-1))
-    rows = pa.ListArray.from_arrays(pa.array(np.arange(n * c * h + 1, dtype=np.int32) * w), values)
-    planes = pa.ListArray.from_arrays(pa.array(np.arange(n * c + 1, dtype=np.int32) * h), rows)
-    return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * c), planes)
-
-
-def make_rows(n: int, seed: int, shape=(8, P, P)) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Sparse signed images (channel 7 dense, to take the whole-channel path) and a2gg-like scalars, so that
-    the default `paper` cuts keep about a third of the rows."""
-    rng = np.random.default_rng(seed)
-    images = np.zeros((n,) + shape)
-    mask = rng.random(images.shape) < 0.03
-    images[mask] = rng.exponential(2.0, mask.sum()) * rng.choice([-1.0, 1.0], mask.sum())
-    if shape[0] == 8:
-        images[:, 7] = rng.random((n,) + shape[1:]) * 100
-        images[:, 3, 0, :len(HAZARDS)] = HAZARDS
-    scalars = {"m": rng.uniform(0, 2, n), "pt": rng.uniform(10, 150, n),
-               "ieta": rng.integers(5, 50, n).astype(np.float64),
-               "iphi": rng.integers(0, 72, n).astype(np.float64),
-               "eta": rng.uniform(-2, 2, n)}
-    return images, scalars
-
-
-def write_parquet(path, images, scalars, *, rows_per_group=1, image_name="X_jet", dtype=np.float64,
-                  names=None):
-    names = names or {}
-    columns = {image_name: nested(images.astype(dtype))}
-    columns.update({names.get(k, k): v for k, v in scalars.items()})
-    pq.write_table(pa.table(columns), path, row_group_size=rows_per_group)
-    return path
 
 
 def paper_mask(s: dict) -> np.ndarray:
@@ -261,6 +224,38 @@ def test_parse_cut_rejects_bad_syntax(text):
         parse_cut(text)
 
 
+def test_rows_passing_equals_a_numpy_mask_and_the_converter(tmp_path):
+    """`rows_passing` (what massreg.predict keeps of a raw file): a preset and --cut texts on one file."""
+    images, s = make_rows(20, seed=12)
+    path = write_parquet(tmp_path / "x.parquet", images, s, rows_per_group=3, names={"m": "am", "pt": "apt"})
+    rows, skipped = rows_passing(str(path), "paper", ["|ieta| < 30", "iphi >= 10"])
+    expected = np.flatnonzero(paper_mask(s) & (np.abs(s["ieta"]) < 30) & (s["iphi"] >= 10))
+    assert rows.dtype == np.int64 and 0 < len(expected) < 20 and skipped == []
+    np.testing.assert_array_equal(rows, expected)
+    out = tmp_path / "o.h5"
+    convert(ConvertConfig([str(path)], str(out), channels=(0,), extra_cuts=("|ieta| < 30", "iphi >= 10"),
+                          progress=False))
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["labels/source_row"][()], rows)
+    assert rows_passing(path, "none", []) == (None, [])                    # no cut: every row, nothing read
+    rows, skipped = rows_passing(path, "none", ["m > 1"])                   # `m` is the file's `am`
+    np.testing.assert_array_equal(rows, np.flatnonzero(s["m"] > 1))
+
+
+def test_rows_passing_skips_a_preset_cut_on_a_missing_column_and_refuses_an_explicit_one(tmp_path):
+    images, s = make_rows(10, seed=13)
+    del s["eta"]
+    path = write_parquet(tmp_path / "x.parquet", images, s)
+    rows, skipped = rows_passing(path, "paper", [])
+    np.testing.assert_array_equal(rows, np.flatnonzero((s["pt"] >= 20) & (s["pt"] <= 100) & (s["m"] <= 1.6)))
+    assert [(c.text, c.source) for c in skipped] == [("|eta| < 1.4", "paper")]
+    with pytest.raises(ConvertError, match=rf"cut '\|eta\| < 1': column eta is not in {path}; columns "
+                                           r"present: m, pt, ieta, iphi$"):
+        rows_passing(path, "none", ["|eta| < 1"])
+    with pytest.raises(ConvertError, match="unknown cut preset 'nope'"):
+        rows_passing(path, "nope", [])
+
+
 def test_extra_cuts_and_clip_count(tmp_path):
     images, s = make_rows(10, seed=4)
     images[2, 0, 5, 5] = 7.2e5
@@ -447,7 +442,7 @@ def test_existing_output_is_refused_without_force(tmp_path):
     out = tmp_path / "out.h5"
     out.write_bytes(b"precious")
     config = ConvertConfig([str(tmp_path / "x.parquet")], str(out), cuts="none", progress=False)
-    with pytest.raises(ConvertError, match=r"out.h5: already exists; pass --force"):
+    with pytest.raises(UserError, match=r"out.h5 exists; pass --force to replace it"):
         convert(config)
     assert out.read_bytes() == b"precious"
     config.force = True
@@ -461,7 +456,7 @@ def test_interrupted_conversion_leaves_no_output(tmp_path, monkeypatch):
     write_parquet(tmp_path / "x.parquet", images, s)
     out = tmp_path / "out.h5"
     out.write_bytes(b"old")
-    real, calls = parallel._decode, []
+    real, calls = parallel.decode_chunk, []
 
     def interrupted(chunk, table):
         calls.append(1)
@@ -469,7 +464,7 @@ def test_interrupted_conversion_leaves_no_output(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(chunk, table)
 
-    monkeypatch.setattr(parallel, "_decode", interrupted)
+    monkeypatch.setattr(parallel, "decode_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert(ConvertConfig([str(tmp_path)], str(out), cuts="none", chunk_size=2, force=True,
                               progress=False))

@@ -1,7 +1,7 @@
 """pipeline.convert --threads, --workers and --shard: the same bytes as one thread, the same rows as one
 conversion.
 
-Parquet files come from the writer in test_convert.py (numpy arrays in the real schema, tens of rows).
+Parquet files come from the writer in conftest.py (numpy arrays in the real schema, tens of rows).
 """
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import make_rows, write_parquet
 from pipeline import convert as C
 from pipeline import layout
 from pipeline.convert import ConvertConfig, convert
 from pipeline.parquet import ConvertError
-from test_convert import make_rows, write_parquet
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,16 @@
 """The converter and the generator under a batch system's faults: SIGTERM / SIGHUP mid-run, a full disk, a
-failed write. Each leaves no file that looks whole and says so in one line (issue 11).
+failed write. Each leaves no file that looks whole and says so in one line (docs/converter.md, "Faults and
+interruptions").
 
 The signal tests run the CLI in a subprocess of its own session (as Slurm signals a job's process group) with
 each chunk's write slowed by 0.1 s (`SLOW_CONVERT`, a slow disk), so that pass 2 lasts seconds on tens of
-rows and the signal surely lands in it. Parquet inputs come from the writer in test_convert.py.
+rows and the signal surely lands in it. Parquet inputs come from the writer in conftest.py.
 """
 from __future__ import annotations
 
 import errno
 import os
+from collections import namedtuple
 import shutil
 import signal
 import subprocess
@@ -20,13 +22,13 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from conftest import make_rows, write_parquet
 from pipeline import convert as C
 from pipeline import layout
 from pipeline import synth as S
 from pipeline.convert import ConvertConfig, convert
 from pipeline.signals import StopFlag, Terminated
 from pipeline.synth import SynthConfig, SynthError, generate
-from test_convert import make_rows, write_parquet
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS, CHANNELS = 30, 4                               # 2 files x 15 rows, all kept (--cuts none)
@@ -38,11 +40,11 @@ DATA_BYTES = ROWS * (ROW_BYTES + LABELS)             # what the converter must w
 SLOW_CONVERT = """
 import sys, time
 from pipeline import convert as C
-write = C._write_rows
+write = C.write_rows
 def slow(*args):
     time.sleep(0.1)
     write(*args)
-C._write_rows = slow
+C.write_rows = slow
 sys.argv[0] = "pipeline.convert"
 C.main()
 """
@@ -154,7 +156,7 @@ def test_convert_with_workers_stopped_as_a_process_group_leaves_no_file_and_no_p
 
 def test_a_stop_request_is_acted_on_at_the_next_chunk(raw, tmp_path, monkeypatch):
     """What the CLI's signal handler does (it only sets the flag), without a signal: the next chunk raises."""
-    write, calls = C._write_rows, []
+    write, calls = C.write_rows, []
     stop = StopFlag(())                                  # no handlers: request() stands for the signal
 
     def requesting(images, offset, block):
@@ -163,7 +165,7 @@ def test_a_stop_request_is_acted_on_at_the_next_chunk(raw, tmp_path, monkeypatch
             stop.request(signal.SIGTERM)
         write(images, offset, block)
 
-    monkeypatch.setattr(C, "_write_rows", requesting)
+    monkeypatch.setattr(C, "write_rows", requesting)
     with pytest.raises(Terminated):
         convert(ConvertConfig([str(raw)], str(tmp_path / "o.h5"), cuts="none", chunk_size=2, progress=False),
                 stop=stop)
@@ -188,13 +190,16 @@ def test_synth_stopped_keeps_finished_files_and_discards_the_one_in_progress(tmp
 
 # ------------------------------------------------------------------------------------ disk space, writes
 
+DiskUsage = namedtuple("DiskUsage", "total used free")     # what shutil.disk_usage returns
+
+
 def disk_with(free: int):
     """shutil.disk_usage as a file system with `free` bytes free; records the paths asked about."""
     asked = []
 
     def usage(path):
         asked.append(Path(path))
-        return shutil._ntuple_diskusage(10**12, 10**12 - free, free)
+        return DiskUsage(10**12, 10**12 - free, free)
     return usage, asked
 
 
@@ -202,11 +207,11 @@ def test_too_little_free_space_is_refused_before_any_file_exists(raw, tmp_path, 
     needed = int(DATA_BYTES * 1.01) + (4 << 20)
     usage, asked = disk_with(needed - 1)
     monkeypatch.setattr(shutil, "disk_usage", usage)
-    monkeypatch.setattr(C, "_write_images", lambda *a: pytest.fail("pass 2 started"))
+    monkeypatch.setattr(C, "write_rows", lambda *a: pytest.fail("pass 2 started"))
     out = tmp_path / "new" / "top.h5"
     result = CliRunner().invoke(C.main, [str(raw), str(out), "--cuts", "none"])
     assert result.exit_code == 1
-    mount = C._mount_point(tmp_path)
+    mount = C.mount_point(tmp_path)
     assert one_line(result.output) == (f"Error: {out} needs {needed / 1e6:.1f} MB on {mount} (the output's "
                                        f"file system), {(needed - 1) / 1e6:.1f} MB free; free space or "
                                        f"choose another OUTPUT")
@@ -224,7 +229,7 @@ def test_space_needed_bounds_the_file_and_fits_exactly(raw, tmp_path, monkeypatc
 def test_write_error_in_pass_2_is_one_line_naming_output_bytes_and_cause(raw, tmp_path, monkeypatch, fault,
                                                                          workers):
     out = tmp_path / "out" / "top.h5"
-    write, calls = C._write_rows, []
+    write, calls = C.write_rows, []
 
     def failing(images, offset, block):
         calls.append(block.nbytes)
@@ -234,7 +239,7 @@ def test_write_error_in_pass_2_is_one_line_naming_output_bytes_and_cause(raw, tm
             raise OSError(getattr(errno, fault), os.strerror(getattr(errno, fault)))
         write(images, offset, block)
 
-    monkeypatch.setattr(C, "_write_rows", failing)
+    monkeypatch.setattr(C, "write_rows", failing)
     result = CliRunner().invoke(C.main, [str(raw), str(out), "--cuts", "none", "--chunk-size", "2",
                                          "--workers", str(workers)])
     assert result.exit_code == 1
@@ -244,9 +249,9 @@ def test_write_error_in_pass_2_is_one_line_naming_output_bytes_and_cause(raw, tm
     else:
         written, code = ROWS * LABELS + 2 * 2 * ROW_BYTES, getattr(errno, fault)
         assert list(out.parent.iterdir()) == []
-    assert one_line(result.output) == (f"Error: {out}: write failed after {C._size(written)} of "
-                                       f"{C._size(DATA_BYTES)} ([Errno {code}] {os.strerror(code)}); the "
-                                       f"partial file was removed")
+    assert one_line(result.output) == (f"Error: {out}: write failed after {C.format_size(written)} of "
+                                       f"{C.format_size(DATA_BYTES)} ([Errno {code}] {os.strerror(code)}); "
+                                       f"the partial file was removed")
 
 
 @pytest.fixture

@@ -254,10 +254,10 @@ def test_a2gg_photon_separation_grows_with_m_over_pt(a2gg):
 
 # --------------------------------------------------------------------- calibration against the real data
 
-# CONTEXT.md "Real-data statistics" (top_gun_opendata, public notebooks), typed here rather than read from
-# pipeline.synth so that the test does not move with the module: nonzero pixels per jet after the notebook's
-# thresholds (track pT >= 1 GeV, also for the dz / d0 pixels; ECAL >= 0.1 GeV; HCAL >= 0.01 GeV), pixel
-# layers ~0.2 % of 15,625 pixels; 7.8 kB per row on disk; all-pixel std of dz / d0 0.47 / 0.77 cm.
+# The real data's statistics (docs/data.md: top_gun_opendata, public notebooks), typed here rather than
+# taken from pipeline.synth so that the test does not move with the module: nonzero pixels per jet after the
+# notebook's thresholds (track pT >= 1 GeV, also for the dz / d0 pixels; ECAL >= 0.1 GeV; HCAL >= 0.01 GeV),
+# pixel layers ~0.2 % of 15,625 pixels; 7.8 kB per row on disk; all-pixel std of dz / d0 0.47 / 0.77 cm.
 REAL_NONZERO = {"track_pt": 27, "dz": 27, "d0": 22, "ecal": 271, "hcal": 703,
                 "pix1": 0.002 * SIZE ** 2, "pix2": 0.002 * SIZE ** 2, "pix3": 0.002 * SIZE ** 2}
 REAL_BYTES_PER_ROW = 7.8e3
