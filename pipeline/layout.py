@@ -31,8 +31,8 @@ FORMAT_NAME = "massreg-e2e"
 FORMAT_VERSION = 1
 IMAGE_SIZE = 125  # pixels per side; 125 = 5^3, one ECAL crystal (0.0174 in eta and phi) per pixel
 
-# The eight raw channels, in the order of the source files (docs/data.md; the order of dz and d0 is
-# disputed between sources, we follow the majority).
+# The eight raw channels, in the order of the source files (docs/data.md, "Channels and units"; the order
+# of dz and d0 is disputed between sources, we follow the majority).
 CHANNEL_NAMES = ("track_pt", "dz", "d0", "ecal", "hcal", "pix1", "pix2", "pix3")
 CHANNEL_UNITS = ("GeV", "cm", "cm", "GeV", "GeV", "hits", "hits", "hits")
 # Fixed scales seen in the stronger public submissions (track pT x0.01, dZ x0.05, d0 x0.1, ECAL x0.1,

@@ -105,8 +105,8 @@ K_BEND = 0.3 * 3.8 / 2         # GeV/m: a track of pT turns by asin(K_BEND * r /
 CHARGED, PHOTON, NEUTRAL = 0, 1, 2
 SPECIES_P = (0.60, 0.25, 0.15)
 
-# Pileup and secondary interactions (see the module docstring; tuned to the real data's statistics,
-# docs/data.md).
+# Pileup and secondary interactions (see the module docstring; tuned to the real data's statistics:
+# docs/data.md, "The published statistics").
 PILEUP_MEAN = 15.0             # pileup particles per image (Poisson); pixel-layer occupancy bounds it
 SIGMA_Z = 5.0                  # cm, length of the luminous region: vertex z ~ N(0, SIGMA_Z)
 P_NUCLEAR = 0.15               # probability that a hadron interacts in the tracker material (r < R_SEC[1])

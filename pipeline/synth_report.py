@@ -2,9 +2,9 @@
 Parquet files in the real schema (generated or real) beside the real data's published figures, and the
 calibration of `pipeline.synth_physics` that they guided.
 
-Calibration against the real data (its statistics: docs/data.md; `report`, `--report`): 500 top jets,
-seed 1, now and before this calibration, beside the real figures; nonzero pixels counted at the real figures'
-thresholds (track pT >= 1 GeV, also for the dz / d0 pixels; ECAL >= 0.1 GeV; HCAL >= 0.01 GeV):
+Calibration against the real data (docs/data.md, "The published statistics"; `report`, `--report`): 500
+top jets, seed 1, now and before this calibration, beside the real figures; nonzero pixels counted at the real
+figures' thresholds (track pT >= 1 GeV, also for the dz / d0 pixels; ECAL >= 0.1 GeV; HCAL >= 0.01 GeV):
 
     | | now | before | real |
     |---|---:|---:|---:|
@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from pipeline.layout import CHANNEL_NAMES, COLUMN_ALIASES, IMAGE_SIZE, finish_stats
 from pipeline.synth_physics import CH, SynthError
 
-# The real data's statistics (docs/data.md: public notebooks on top_gun_opendata; small samples, +-30 %).
+# docs/data.md, "The published statistics" (public notebooks on top_gun_opendata; small samples, +-30 %).
 # Per channel: the threshold that notebook applied before counting (dz / d0 are counted on the pixels whose
 # track pT passes it; the pixel layers had none), nonzero pixels per jet, mean / std / max of the nonzero
 # values (1,024 jets), then the all-pixel mean / std (10 jets). None where no figure was published.

@@ -254,7 +254,7 @@ def test_a2gg_photon_separation_grows_with_m_over_pt(a2gg):
 
 # --------------------------------------------------------------------- calibration against the real data
 
-# The real data's statistics (docs/data.md: top_gun_opendata, public notebooks), typed here rather than
+# The real data's statistics (docs/data.md, "The published statistics"), typed here rather than
 # taken from pipeline.synth so that the test does not move with the module: nonzero pixels per jet after the
 # notebook's thresholds (track pT >= 1 GeV, also for the dz / d0 pixels; ECAL >= 0.1 GeV; HCAL >= 0.01 GeV),
 # pixel layers ~0.2 % of 15,625 pixels; 7.8 kB per row on disk; all-pixel std of dz / d0 0.47 / 0.77 cm.
