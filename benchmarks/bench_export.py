@@ -26,8 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 from massreg.checkpoint import load_checkpoint, restore, save_checkpoint  # noqa: E402
-from massreg.config import PRESETS, build_model, model_config  # noqa: E402
-from massreg.export import Deployed, ExportConfig, OnnxRegressor, check_inputs, export  # noqa: E402
+from massreg.registry import PRESETS, build_model, model_config  # noqa: E402
+from massreg.deploy import Deployed, OnnxRegressor  # noqa: E402
+from massreg.export import ExportConfig, check_inputs, export  # noqa: E402
 
 AUX = ("pt", "ieta", "iphi")
 

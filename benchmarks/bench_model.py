@@ -28,7 +28,7 @@ import click
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
-from massreg.config import PRESETS, build_model, model_config  # noqa: E402
+from massreg.registry import PRESETS, build_model, model_config  # noqa: E402
 
 DEFAULT_BATCH = {"seed": 32, "small": 64, "tiny": 128, "hybrid": 64, "hybrid49": 64, "hybrid-seed": 32,
                  "resnet": 64, "resnet-wide": 64}

@@ -19,9 +19,9 @@ Everything in it is a tensor, a Python number / string / list / tuple / dict or 
 """
 from __future__ import annotations
 
+import math
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,54 +29,40 @@ from typing import Any
 import numpy as np
 import torch
 
+from massreg.registry import ModelConfig, build_model, complete
+from massreg.transforms import AuxScaler, Normalizer, TargetScaler
+from pipeline.errors import UserError
+from pipeline.files import atomic_write
+
 FORMAT = "massreg-checkpoint"
 VERSION = 1
 REQUIRED_KEYS = ("model", "model_config", "train_config", "epoch", "step", "normalizer", "target", "aux",
                  "data")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A file that is not a massreg checkpoint, has another version, or does not fit the model asked for."""
 
 
-def to_plain(value: Any) -> Any:
-    """numpy scalars / arrays -> Python numbers / lists, recursively, so a payload loads with weights_only."""
+def to_plain(value: Any, *, json: bool = False) -> Any:
+    """numpy scalars / arrays -> Python numbers / lists and paths -> str, recursively, so a payload loads with
+    torch.load(weights_only=True). json=True also makes it strict JSON: NaN / inf -> None, keys -> str,
+    tuples -> lists."""
     if isinstance(value, dict):
-        # keys stay as they are: the optimizer's state is keyed by int parameter ids
-        return {to_plain(k): to_plain(v) for k, v in value.items()}
+        # keys stay as they are for torch.save: the optimizer's state is keyed by int parameter ids
+        return {(str(k) if json else to_plain(k)): to_plain(v, json=json) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(to_plain(v) for v in value)
+        items = [to_plain(v, json=json) for v in value]
+        return items if json else type(value)(items)
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return to_plain(value.tolist(), json=json)
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
     if isinstance(value, Path):
         return str(value)
+    if json and isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
-
-
-def atomic_write(path: str | os.PathLike, write, mode: str = "wb") -> Path:
-    """Call write(fh) on a temp file beside `path`, fsync, then os.replace it into place.
-
-    An interrupted write leaves only a hidden `.NAME.*.tmp`, never a half-written file under `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` atomically (see atomic_write)."""
-    return atomic_write(path, lambda fh: fh.write(text), mode="w")
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
@@ -84,12 +70,6 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
     os.replace."""
     payload = {"format": FORMAT, "version": VERSION, **payload}
     return atomic_write(path, lambda fh: torch.save(payload, fh))
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -119,27 +99,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def check_model_config(ckpt: dict, model_config: dict, *, source: str = "checkpoint") -> None:
     """Raise CheckpointError naming every field where the checkpoint's model differs from `model_config`.
 
-    Both sides are completed first (massreg.config.complete): a checkpoint written before a field existed
+    Both sides are completed first (massreg.registry.complete): a checkpoint written before a field existed
     holds the model that field's default describes, and lists from JSON equal tuples."""
-    from massreg.config import complete
-
     stored, model_config = complete(ckpt["model_config"]), complete(model_config)
     diffs = [f"{k}: {stored.get(k)!r} in {source} vs {model_config.get(k)!r} asked"
              for k in sorted(set(stored) | set(model_config)) if stored.get(k) != model_config.get(k)]
     if diffs:
         raise CheckpointError(f"{source} holds another model ({'; '.join(diffs)}); "
                               "use the same --model/options as the run, or start a new run")
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The raw module under torch.compile (`_orig_mod`) and DistributedDataParallel (`module`) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 # ---- RNG state: torch, numpy's legacy global generator, Python's random (and CUDA where present) ----
@@ -176,18 +143,15 @@ class Restored:
     """What evaluate / predict need: the model in eval mode on the device, and the input/target transforms."""
     model: torch.nn.Module
     normalizer: torch.nn.Module
-    target: Any                   # massreg.data.TargetScaler
-    aux_scaler: Any               # massreg.data.AuxScaler or None when the model takes no aux
-    model_config: Any             # massreg.config.ModelConfig
+    target: Any                   # massreg.transforms.TargetScaler
+    aux_scaler: Any               # massreg.transforms.AuxScaler or None when the model takes no aux
+    model_config: Any             # massreg.registry.ModelConfig
     train_config: dict
     channels: list[str]
 
 
 def restore(ckpt: dict, device: str | torch.device = "cpu") -> Restored:
     """Rebuild model (eval mode), Normalizer, TargetScaler and AuxScaler from a loaded checkpoint."""
-    from massreg.config import ModelConfig, build_model
-    from massreg.data import AuxScaler, Normalizer, TargetScaler
-
     device = torch.device(device)
     try:
         model_config = ModelConfig(**ckpt["model_config"])
@@ -211,3 +175,18 @@ def restore(ckpt: dict, device: str | torch.device = "cpu") -> Restored:
                                std=tuple(float(v) for v in aux["std"]))
     return Restored(model=model, normalizer=normalizer, target=target, aux_scaler=aux_scaler,
                     model_config=model_config, train_config=dict(ckpt["train_config"]), channels=channels)
+
+
+def load_for_inference(path: str | os.PathLike, device: torch.device) -> tuple[dict, Restored]:
+    """(the loaded checkpoint dict, its Restored model and transforms on `device`): what evaluate and predict
+    start from."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    return ckpt, restore(ckpt, device)
+
+
+def check_channels(model_channels, data_channels, where, *, model: str = "checkpoint") -> None:
+    """The model only makes sense on the channels it was trained on, in the same order (CheckpointError)."""
+    if list(model_channels) != list(data_channels):
+        raise CheckpointError(f"{model} was trained on channels {','.join(model_channels)} but {where} holds "
+                              f"{','.join(data_channels)}; convert with the checkpoint's channels "
+                              "or use a checkpoint trained on these")

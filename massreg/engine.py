@@ -3,9 +3,9 @@
     out = predict(model, loader, normalizer=n, target=t, aux_scaler=a, device=dev, amp=False)
     out["pred"], out["true"], out["index"]     # (N,) GeV, (N,) GeV, (N,) row position within the split
 
-Batches are the dicts of massreg.data.H5Images: "images" float16 (B, C, 125, 125) raw values, "m" float32 (B,)
-GeV, "aux" float32 (B, A) raw values, "index" int64 (B,). The float16 -> float32 cast and the normalisation
-happen here, on the device, so the loader moves half the bytes. A batch prepared by
+Batches are the dicts of massreg.dataset.H5Images: "images" float16 (B, C, 125, 125) raw values, "m" float32
+(B,) GeV, "aux" float32 (B, A) raw values, "index" int64 (B,). The float16 -> float32 cast and the
+normalisation happen here, on the device, so the loader moves half the bytes. A batch prepared by
 massreg.prefetch.DevicePrefetcher ("x" float32 (B, C, 125, 125), already flipped and normalised on the
 device, and "aux_z" (B, A) or None) goes straight to the model.
 """
@@ -15,6 +15,9 @@ import contextlib
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
+from massreg.transforms import encode_aux
 
 
 def autocast(device: torch.device, amp: bool):
@@ -22,12 +25,6 @@ def autocast(device: torch.device, amp: bool):
     if amp and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def encode_aux(aux_scaler, aux: torch.Tensor) -> torch.Tensor:
-    """(B, A) raw aux -> (B, A) float32 normalised, on aux's device."""
-    out = aux_scaler.encode(aux)
-    return torch.as_tensor(out, dtype=torch.float32, device=aux.device)
 
 
 def forward(model: torch.nn.Module, batch: dict, *, normalizer: torch.nn.Module, aux_scaler,
@@ -59,7 +56,6 @@ def predict(model: torch.nn.Module, loader, *, normalizer: torch.nn.Module, targ
     preds, trues, indices = [], [], []
     batches = loader
     if progress:
-        from tqdm.auto import tqdm
         batches = tqdm(loader, desc="predict", unit="batch", leave=False)
     try:
         for batch in batches:

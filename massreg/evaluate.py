@@ -20,30 +20,37 @@ each file atomically; a folder that already holds an evaluation is refused befor
 from __future__ import annotations
 
 import json
-import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import click
+import h5py
 import numpy as np
 import pandas as pd
-import torch
 
+from massreg import engine
 from massreg.baselines import (CALO_CHANNELS, calo_channels, calo_energy, eta_from_ieta, fit_knn, knn_predict,
                                pixel_mass)
-from massreg.checkpoint import atomic_write_text
+from massreg.checkpoint import check_channels, load_for_inference, to_plain
+from massreg.cli import amp_option, batch_size_option, command, device_option, force_option, user_errors, \
+    workers_option
+from massreg.dataset import H5Images, LayoutError
+from massreg.distributed import DEVICES, resolve_device
 from massreg.metrics import binned_metrics, constant_baseline, mass_edges, regression_metrics
+from massreg.plots import plot_predictions
+from massreg.sampling import make_loader
+from pipeline.errors import UserError
+from pipeline.files import atomic_write_text
 from pipeline.layout import SPLITS
-from pipeline.signals import polled
+from pipeline.signals import exit_on_interrupt, polled, stop_on_signals
 
 ALL = "all"  # --split all: every row of the files
 
 
-class EvaluateError(Exception):
-    """Bad input to evaluate / predict that is neither a bad checkpoint nor a bad file layout."""
+class EvaluateError(UserError):
+    """Bad input to evaluate that is neither a bad checkpoint nor a bad file layout."""
 
 
 @dataclass
@@ -74,7 +81,7 @@ class EvaluateConfig:
             raise EvaluateError(f"batch_size {self.batch_size}, workers {self.workers}, "
                                 f"n_bins {self.n_bins}: "
                                 "batch_size and n_bins must be >= 1, workers >= 0")
-        if self.device not in ("auto", "cpu", "cuda"):
+        if self.device not in DEVICES:
             raise EvaluateError(f"--device {self.device!r}: choose auto, cpu or cuda")
         if self.max_mae_ratio is not None and not self.max_mae_ratio > 0:
             raise EvaluateError(f"--max-mae-ratio {self.max_mae_ratio}: it must be > 0")
@@ -84,45 +91,6 @@ class EvaluateConfig:
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path(self.checkpoint).parent / f"eval_{self.split}"
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without CUDA is an error, not a silent fallback."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EvaluateError("--device cuda but torch sees no CUDA device; use --device cpu or auto")
-    return torch.device(name)
-
-
-def check_channels(ckpt_channels, data_channels, where, *, model: str = "checkpoint") -> None:
-    """The model only makes sense on the channels it was trained on, in the same order."""
-    if list(ckpt_channels) != list(data_channels):
-        raise EvaluateError(f"{model} was trained on channels {','.join(ckpt_channels)} but {where} holds "
-                            f"{','.join(data_channels)}; convert with the checkpoint's channels "
-                            "or use a checkpoint trained on these")
-
-
-def load_model(checkpoint: str | os.PathLike, device: torch.device):
-    """(loaded checkpoint dict, massreg.checkpoint.Restored) for inference."""
-    from massreg.checkpoint import load_checkpoint, restore
-    ckpt = load_checkpoint(checkpoint, map_location="cpu")
-    return ckpt, restore(ckpt, device)
-
-
-def _json_safe(value):
-    """NaN / inf -> None and numpy -> Python, so metrics.json is strict JSON."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def bin_table(pred: np.ndarray, true: np.ndarray, train_mean: float, edges: np.ndarray,
@@ -146,7 +114,6 @@ def bin_table(pred: np.ndarray, true: np.ndarray, train_mean: float, edges: np.n
 
 def _jet_labels(dataset) -> tuple[np.ndarray, str, np.ndarray | None]:
     """(eta_jet (n,), eta source, pt (n,) or None) for every row of an H5Images split, from its labels."""
-    from massreg.data import LayoutError
     try:
         eta, source = eta_from_ieta(dataset.label("ieta")), "ieta"
     except LayoutError:
@@ -188,7 +155,6 @@ def read_pixel_mass(dataset, positions: np.ndarray, eta_jet: np.ndarray, *, batc
     h5py reads the calorimeter channels of each batch of rows (a quarter of an 8-channel row's bytes, or
     less); eta_jet: (len(positions),) the jet eta of each of these rows.
     """
-    import h5py
     channels = dataset.channels
     calo = calo_channels(channels)
     file, local = dataset.locate(positions)
@@ -225,7 +191,6 @@ def knn_baseline(config: EvaluateConfig, eval_mass: np.ndarray, eval_pt: np.ndar
 
     eval_mass, eval_pt: (N,) pixel mass and pT of the evaluated rows, in the order of `true`.
     """
-    from massreg.data import H5Images
     start = time.perf_counter()
     train = H5Images(list(config.data), split="train")
     channels = [train.channels[i] for i in calo_channels(train.channels)]
@@ -252,10 +217,6 @@ def knn_baseline(config: EvaluateConfig, eval_mass: np.ndarray, eval_pt: np.ndar
 
 def evaluate(config: EvaluateConfig, *, progress: bool = False, stop=None) -> dict:
     """Run one evaluation, write its outputs, and return the dict saved as metrics.json."""
-    from massreg import engine
-    from massreg.data import H5Images, make_loader
-    from massreg.plots import plot_predictions
-
     config.validate()
     out_dir = config.out_dir()
     held = [name for name in ("metrics.json", "bins.csv") if (out_dir / name).exists()]
@@ -263,17 +224,53 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False, stop=None) -> di
         raise EvaluateError(f"{out_dir} already holds an evaluation ({', '.join(held)}); pass --force to "
                             f"replace it or --out DIR to write elsewhere")
     device = resolve_device(config.device)
-    ckpt, restored = load_model(config.checkpoint, device)
+    ckpt, restored = load_for_inference(config.checkpoint, device)
     aux_names = tuple(restored.aux_scaler.names) if restored.aux_scaler is not None else ()
     dataset = H5Images(list(config.data), split=None if config.split == ALL else config.split, aux=aux_names)
     files = ", ".join(str(p) for p in config.data)
     check_channels(restored.channels, dataset.channels, files)
     if len(dataset) == 0:
         raise EvaluateError(f"split {config.split!r} of {files} has no rows; pick another --split")
+    pred, true, knn_pred, knn_block = predict_split(config, dataset, restored, device, progress=progress,
+                                                    stop=stop)
+    stats = dataset.stats
+    train_mean = float(stats["m_mean"])  # the constant predictor: the train split's mean mass (GeV)
+    # Bins over the train mass range, widened to hold every evaluated row.
+    lo = min(float(stats.get("m_min", true.min())), float(true.min()))
+    hi = max(float(stats.get("m_max", true.max())), float(true.max()))
+    edges = mass_edges(lo, hi if hi > lo else lo + 1.0, config.n_bins)
+    model_metrics = regression_metrics(pred, true)
+    const_metrics = constant_baseline(train_mean, true)
+    report = {
+        "config": asdict(config),
+        "checkpoint": {"path": str(config.checkpoint), "resolved": str(Path(config.checkpoint).resolve()),
+                       "epoch": ckpt.get("epoch"), "step": ckpt.get("step"), "best": ckpt.get("best"),
+                       "model_config": ckpt.get("model_config"), "channels": list(restored.channels),
+                       "trained_on": ckpt.get("data", {}).get("paths")},
+        "data": dataset.file_info(),
+        "split": config.split,
+        "device": str(device),
+        "n": model_metrics["n"],
+        "model": model_metrics,
+        "constant": {"value": train_mean, **const_metrics},
+        "mae_ratio": model_metrics["mae"] / const_metrics["mae"] if const_metrics["mae"] > 0 else None,
+        "knn": knn_block,
+        "mae_ratio_knn": (model_metrics["mae"] / knn_block["mae"]
+                          if knn_pred is not None and knn_block["mae"] > 0 else None),
+    }
+    if stop is not None:
+        stop.check()
+    bins = bin_table(pred, true, train_mean, edges, knn_pred)
+    return write_evaluation(report, out_dir, pred, true, edges, bins)
 
+
+def predict_split(config: EvaluateConfig, dataset: H5Images, restored, device, *, progress: bool,
+                  stop) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
+    """(pred (N,) GeV, true (N,) GeV, the kNN baseline's pred (N,) or None, its metrics block) over the split,
+    in split order; the kNN needs every row's pixel mass, taken from the same pass over the images."""
     loader = make_loader(dataset, batch_size=config.batch_size, shuffle=False, seed=0, workers=config.workers)
     skip = knn_skip_reason(config, dataset.channels)
-    if skip is None:  # the kNN baseline needs the pixel mass of every evaluated row: taken from the same pass
+    if skip is None:
         eval_eta, eta_source, eval_pt = _jet_labels(dataset)
         eval_mass = np.full(len(dataset), np.nan)
         loader = tap = PixelMassTap(loader, dataset.channels, eval_eta, eval_mass)
@@ -284,54 +281,29 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False, stop=None) -> di
     if not np.all(np.isfinite(pred)):
         raise EvaluateError(f"{int((~np.isfinite(pred)).sum())} of {pred.size} predictions of "
                             f"{config.checkpoint} are NaN or infinite: the checkpoint is broken")
-    knn_pred, knn_block = None, {"skipped": skip, "k": config.knn}
-    if skip is None:
-        order = out["index"]  # (N,) split position of each prediction
-        knn_pred, knn_block = knn_baseline(config, eval_mass[order],
-                                           None if eval_pt is None else eval_pt[order], true, eta_source)
-        knn_block["seconds_eval_pixel_mass"] = tap.seconds
+    if skip is not None:
+        return pred, true, None, {"skipped": skip, "k": config.knn}
+    order = out["index"]  # (N,) split position of each prediction
+    knn_pred, knn_block = knn_baseline(config, eval_mass[order], None if eval_pt is None else eval_pt[order],
+                                       true, eta_source)
+    knn_block["seconds_eval_pixel_mass"] = tap.seconds
+    return pred, true, knn_pred, knn_block
 
-    stats = dataset.stats
-    train_mean = float(stats["m_mean"])  # the constant predictor: the train split's mean mass (GeV)
-    model_metrics = regression_metrics(pred, true)
-    const_metrics = constant_baseline(train_mean, true)
-    # Bins over the train mass range, widened to hold every evaluated row.
-    lo = min(float(stats.get("m_min", true.min())), float(true.min()))
-    hi = max(float(stats.get("m_max", true.max())), float(true.max()))
-    edges = mass_edges(lo, hi if hi > lo else lo + 1.0, config.n_bins)
-    bins = bin_table(pred, true, train_mean, edges, knn_pred)
 
-    # Plots, bins.csv, then metrics.json last (each atomically): a folder with metrics.json is complete.
-    if stop is not None:
-        stop.check()
+def write_evaluation(report: dict, out_dir: Path, pred: np.ndarray, true: np.ndarray, edges: np.ndarray,
+                     bins: pd.DataFrame) -> dict:
+    """Plots, bins.csv, then metrics.json last (each atomically): a folder with metrics.json is complete.
+    Returns the report as written (strict JSON values)."""
+    split, checkpoint = report["split"], report["config"]["checkpoint"]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         # --force: the old metrics.json goes first; it must never sit beside new plots as if it were theirs
         (out_dir / "metrics.json").unlink(missing_ok=True)
-        plots = plot_predictions(pred, true, out_dir, config.split, edges=edges,
-                                 label=f"{config.split}, {Path(config.checkpoint).name}")
+        plots = plot_predictions(pred, true, out_dir, split, edges=edges,
+                                 label=f"{split}, {Path(checkpoint).name}")
         atomic_write_text(out_dir / "bins.csv", bins.to_csv(index=False, float_format="%.6g"))
-        report = {
-            "config": asdict(config),
-            "checkpoint": {"path": str(config.checkpoint), "resolved": str(Path(config.checkpoint).resolve()),
-                           "epoch": ckpt.get("epoch"), "step": ckpt.get("step"), "best": ckpt.get("best"),
-                           "model_config": ckpt.get("model_config"), "channels": list(restored.channels),
-                           "trained_on": ckpt.get("data", {}).get("paths")},
-            "data": dataset.file_info(),
-            "split": config.split,
-            "device": str(device),
-            "n": model_metrics["n"],
-            "model": model_metrics,
-            "constant": {"value": train_mean, **const_metrics},
-            "mae_ratio": model_metrics["mae"] / const_metrics["mae"] if const_metrics["mae"] > 0 else None,
-            "knn": knn_block,
-            "mae_ratio_knn": (model_metrics["mae"] / knn_block["mae"]
-                              if knn_pred is not None and knn_block["mae"] > 0 else None),
-            "bins": bins.to_dict(orient="records"),
-            "plots": [p.name for p in plots],
-            "out_dir": str(out_dir),
-        }
-        report = _json_safe(report)
+        report = to_plain({**report, "bins": bins.to_dict(orient="records"), "plots": [p.name for p in plots],
+                           "out_dir": str(out_dir)}, json=True)
         atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
     except OSError as exc:  # a full disk, a vanished folder: one line, and metrics.json stays absent
         raise EvaluateError(f"{out_dir}: writing the evaluation failed ({exc.strerror or exc}); "
@@ -392,24 +364,23 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.argument("data", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--split", default="test", show_default=True, type=click.Choice([*SPLITS, ALL]),
               help="Which rows to evaluate on ('all' = every row).")
 @click.option("--out", "out", default=None, type=click.Path(file_okay=False),
               help="Output folder [default: eval_<split>/ beside the checkpoint].")
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--amp/--no-amp", default=False, show_default=True, help="bf16 autocast on CUDA.")
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
-              help="DataLoader workers.")
+@batch_size_option(256)
+@device_option
+@amp_option
+@workers_option("DataLoader workers.")
 @click.option("--bins", "n_bins", default=10, show_default=True, type=click.IntRange(min=1),
               help="Number of true-mass bins in the table and plots.")
 @click.option("--max-mae-ratio", type=float, default=None,
               help="Exit non-zero (after writing everything) if MAE model / constant predictor "
                    "is above this.")
-@click.option("--force", is_flag=True, help="Replace an evaluation already in the output folder.")
+@force_option("Replace an evaluation already in the output folder.")
 @click.option("--knn", default=30, show_default=True, type=click.IntRange(min=0),
               help="Neighbours of the physics baseline: the mean mass of the K train jets nearest in "
                    "(invariant mass of the ECAL+HCAL pixels, each a massless particle; pT). 0 disables it.")
@@ -420,20 +391,15 @@ def main(checkpoint, data, split, out, batch_size, device, amp, workers, n_bins,
          knn_train_rows):
     """Evaluate CHECKPOINT on a split of DATA.h5 (several files = one data set), beside a constant and a
     kNN physics baseline."""
-    from massreg.checkpoint import CheckpointError
-    from massreg.data import LayoutError
-    from pipeline.signals import exit_on_interrupt, stop_on_signals
     config = EvaluateConfig(checkpoint=checkpoint, data=list(data), split=split, out=out,
                             batch_size=batch_size, device=device, amp=amp, workers=workers, n_bins=n_bins,
                             max_mae_ratio=max_mae_ratio, force=force, knn=knn, knn_train_rows=knn_train_rows)
     outcome = "no metrics.json was written (it is written last)"
     with exit_on_interrupt(f"evaluation of {checkpoint}", outcome), stop_on_signals() as stop:
-        try:
+        with user_errors():
             report = evaluate(config, progress=sys.stderr.isatty(), stop=stop)
             click.echo(format_report(report))
             check_bound(report, max_mae_ratio)
-        except (EvaluateError, CheckpointError, LayoutError, OSError) as exc:
-            raise click.ClickException(str(exc)) from None
 
 
 if __name__ == "__main__":

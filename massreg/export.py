@@ -32,21 +32,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from massreg import __version__
+from massreg.checkpoint import load_checkpoint, restore
+from massreg.cli import command, force_option, user_errors
+from massreg.deploy import (ATOL, AUX, AUX_UNITS, FLOAT16_MAX, FORMAT, IMAGES, MASS, OPSET, RTOL, VERSION,
+                            Deployed, ExportError, max_excess)
+from pipeline.files import atomic_write, atomic_write_text, check_new_output
 from pipeline.layout import CHANNEL_NAMES, CHANNEL_UNITS
-
-FORMAT = "massreg-onnx"
-VERSION = 1
-OPSET = 17
-FLOAT16_MAX = 65504.0
-IMAGES, AUX, MASS = "images", "aux", "mass"
-AUX_UNITS = {"pt": "GeV", "ieta": "HCAL tower index (0.087 in eta)", "iphi": "HCAL tower index (0.087 rad)",
-             "eta": "", "phi": "rad", "m": "GeV"}
-# Agreement asked of ONNX Runtime against PyTorch, in GeV: the larger of RTOL * |m| and ATOL.
-RTOL, ATOL = 1e-4, 0.01
-
-
-class ExportError(Exception):
-    """Bad input or options for export, or an ONNX file that is not ours (one line: what, and what to do)."""
+from pipeline.signals import exit_on_interrupt, stop_on_signals
 
 
 @dataclass
@@ -68,60 +61,19 @@ class ExportConfig:
         if not out.resolve().parent.is_dir():
             raise ExportError(f"--out {out}: folder {out.parent} does not exist; create it first")
         for path in (out, self.json_path()):
-            if path.exists() and not self.force:
-                raise ExportError(f"{path} exists; pass --force to replace it")
+            check_new_output(path, self.force)
         if self.opset < OPSET:
             raise ExportError(f"--opset {self.opset}: 17 is the lowest with a native LayerNormalization")
         if self.check_batch < 1:
             raise ExportError(f"--check-batch {self.check_batch} must be >= 1")
 
 
-class Deployed(nn.Module):
-    """raw images (B, C, 125, 125) float32 [, raw aux (B, A) float32] -> mass (B,) float32 GeV.
-
-    The checkpoint's model wrapped in the transforms that massreg.engine applies around it in Python, so that
-    a consumer feeds detector values and reads GeV.
-    """
-
-    def __init__(self, model: nn.Module, normalizer: nn.Module, aux_scaler, target):
-        super().__init__()
-        self.model = model
-        # The normaliser's affine map as plain buffers, applied below as whole-tensor ops: massreg.data's
-        # Normalizer is tuned for the training loop (flips, per-image CPU kernels), not for a traced graph.
-        self.register_buffer("mean", normalizer.mean.detach().clone().float())        # (1, C, 1, 1)
-        self.register_buffer("std", normalizer.std.detach().clone().float())          # (1, C, 1, 1)
-        clip = normalizer.clip.detach().clone().float()                      # (1, C, 1, 1), inf: none
-        self.clipped = bool(torch.isfinite(clip).any())
-        self.register_buffer("clip", torch.where(torch.isfinite(clip), clip, torch.full_like(clip, 3e38)))
-        self.takes_aux = aux_scaler is not None
-        if self.takes_aux:
-            self.register_buffer("aux_mean", torch.tensor(aux_scaler.mean, dtype=torch.float32))   # (A,)
-            self.register_buffer("aux_std", torch.tensor(aux_scaler.std, dtype=torch.float32))     # (A,)
-        self.register_buffer("m_mean", torch.tensor(float(target.mean), dtype=torch.float32))
-        self.register_buffer("m_std", torch.tensor(float(target.std), dtype=torch.float32))
-
-    def forward(self, images: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
-        # The model was trained on float16 files: the same rounding here makes a raw float32 input give
-        # exactly the prediction of its converted row (and saturates as the converter's --clip does).
-        x = images.clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16).to(torch.float32)
-        x = (x - self.mean) / self.std                                       # (B, C, 125, 125)
-        if self.clipped:
-            x = torch.minimum(torch.maximum(x, -self.clip), self.clip)
-        if self.takes_aux:
-            z = self.model(x, (aux - self.aux_mean) / self.aux_std)          # (B,) standardised mass
-        else:
-            z = self.model(x)
-        return z * self.m_std + self.m_mean                                  # (B,) GeV
-
-
 # ------------------------------------------------------------------------------------------------ export
 
-def _describe(restored, ckpt: dict, config: ExportConfig) -> dict:
+def describe(restored, ckpt: dict, config: ExportConfig) -> dict:
     """model.json: what a C++ producer needs to build the inputs, and where the model came from."""
     import onnx
     import onnxruntime
-
-    from massreg import __version__
 
     channels = list(restored.channels)
     units = [CHANNEL_UNITS[CHANNEL_NAMES.index(c)] if c in CHANNEL_NAMES else "" for c in channels]
@@ -182,14 +134,7 @@ def check_inputs(restored, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     return feeds
 
 
-def max_excess(onnx_gev: np.ndarray, torch_gev: np.ndarray) -> tuple[float, float]:
-    """(max |difference| in GeV, max of |difference| / allowed), allowed = max(RTOL * |torch|, ATOL)."""
-    diff = np.abs(onnx_gev.astype(np.float64) - torch_gev.astype(np.float64))
-    allowed = np.maximum(RTOL * np.abs(torch_gev), ATOL)
-    return float(diff.max(initial=0.0)), float((diff / allowed).max(initial=0.0))
-
-
-def _trace(deployed: Deployed, feeds: dict, tmp: Path, opset: int) -> None:
+def trace(deployed: Deployed, feeds: dict, tmp: Path, opset: int) -> None:
     """torch.onnx.export of `deployed` to `tmp`, batch axis dynamic.
 
     The TorchScript exporter (dynamo=False): the torch.export-based one emits opset >= 18 and its conversion
@@ -212,56 +157,32 @@ def export(config: ExportConfig, *, stop=None) -> dict:
     polled between the steps."""
     check = stop.check if stop is not None else (lambda: None)
     try:
-        import onnx
-        import onnxruntime as ort
+        import onnx  # the optional [export] extra: imported only by the commands that need it
     except ImportError as exc:
         raise ExportError(f"export needs onnx and onnxruntime ({exc.name} is missing): "
                           "pip install 'massreg[export]'") from None
-    from massreg.checkpoint import CheckpointError, load_checkpoint, restore
-
     config.validate()
-    try:
-        ckpt = load_checkpoint(config.checkpoint)
-        restored = restore(ckpt, "cpu")
-    except CheckpointError as exc:
-        raise ExportError(str(exc)) from None
+    ckpt = load_checkpoint(config.checkpoint)
+    restored = restore(ckpt, "cpu")
     deployed = Deployed(restored.model, restored.normalizer, restored.aux_scaler, restored.target).eval()
-    meta = _describe(restored, ckpt, config)
+    meta = describe(restored, ckpt, config)
     feeds = check_inputs(restored, config.check_batch)
 
     out = Path(config.out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.trace.tmp")
     try:
         t0 = time.perf_counter()
-        _trace(deployed, feeds, tmp, config.opset)
+        trace(deployed, feeds, tmp, config.opset)
         check()
         meta["export_seconds"] = round(time.perf_counter() - t0, 3)
-        # Checker and session read the traced file itself: serialising a 160 MB graph costs ~0.6 s a time.
-        try:
-            onnx.checker.check_model(str(tmp), full_check=True)
-        except onnx.checker.ValidationError as exc:
-            raise ExportError(f"{config.checkpoint}: the exported graph fails onnx.checker "
-                              f"({str(exc).splitlines()[0]}); please report this with the model_config"
-                              ) from None
-        check()
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        got = session.run([MASS], {k: v for k, v in feeds.items()})[0]
-        with torch.no_grad():
-            want = deployed(*(torch.from_numpy(feeds[k]) for k in feeds)).numpy()
-        worst, ratio = max_excess(got, want)
-        meta["check"] = {"rows": config.check_batch, "max_abs_diff_gev": worst, "rtol": RTOL,
-                         "atol_gev": ATOL}
-        if not ratio <= 1.0:            # also catches NaN
-            raise ExportError(f"{config.checkpoint}: ONNX Runtime and PyTorch differ by up to {worst:.4g} "
-                              f"GeV on the check batch (allowed max({RTOL:g} x m, {ATOL} GeV)); "
-                              "nothing was written")
+        meta["check"] = check_graph(tmp, deployed, feeds, config, check)
         meta_json = json.dumps(meta, indent=2, default=str, allow_nan=False)
         graph = onnx.load(str(tmp))
         entry = graph.metadata_props.add()
         entry.key, entry.value = "massreg", meta_json
         graph.doc_string = f"massreg mass regressor from {config.checkpoint}: raw images (and aux) -> GeV"
         check()
-        _write_both(out, graph.SerializeToString(), config.json_path(), meta_json + "\n")
+        write_both(out, graph.SerializeToString(), config.json_path(), meta_json + "\n")
     except OSError as exc:  # the trace's own file: a full disk, a vanished folder
         raise ExportError(f"{out}: writing failed ({exc.strerror or exc}); nothing was written") from None
     finally:
@@ -269,11 +190,34 @@ def export(config: ExportConfig, *, stop=None) -> dict:
     return json.loads(meta_json)      # as model.json reads back (tuples as lists)
 
 
-def _write_both(out: Path, graph: bytes, json_path: Path, text: str) -> None:
+def check_graph(path: Path, deployed: nn.Module, feeds: dict, config: ExportConfig, check) -> dict:
+    """onnx.checker's full check of the traced file, then ONNX Runtime against PyTorch on the check batch;
+    ExportError (nothing written) if either fails. Returns model.json's "check" block."""
+    import onnx
+    import onnxruntime as ort
+
+    # Checker and session read the traced file itself: serialising a 160 MB graph costs ~0.6 s a time.
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{config.checkpoint}: the exported graph fails onnx.checker "
+                          f"({str(exc).splitlines()[0]}); please report this with the model_config") from None
+    check()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run([MASS], {k: v for k, v in feeds.items()})[0]
+    with torch.no_grad():
+        want = deployed(*(torch.from_numpy(feeds[k]) for k in feeds)).numpy()
+    worst, ratio = max_excess(got, want)
+    if not ratio <= 1.0:            # also catches NaN
+        raise ExportError(f"{config.checkpoint}: ONNX Runtime and PyTorch differ by up to {worst:.4g} "
+                          f"GeV on the check batch (allowed max({RTOL:g} x m, {ATOL} GeV)); "
+                          "nothing was written")
+    return {"rows": config.check_batch, "max_abs_diff_gev": worst, "rtol": RTOL, "atol_gev": ATOL}
+
+
+def write_both(out: Path, graph: bytes, json_path: Path, text: str) -> None:
     """The .onnx, then its .json, each atomically; a failure leaves neither new file (an .onnx beside no or
     an older .json is not an export) and is one ExportError naming the file."""
-    from massreg.checkpoint import atomic_write, atomic_write_text
-
     try:
         atomic_write(out, lambda fh: fh.write(graph))
     except OSError as exc:
@@ -288,65 +232,9 @@ def _write_both(out: Path, graph: bytes, json_path: Path, text: str) -> None:
         raise
 
 
-# ------------------------------------------------------------------------------------------------ runtime
-
-class OnnxRegressor:
-    """An exported model in ONNX Runtime, fed the loader batches of massreg.data / massreg.predict.
-
-        r = OnnxRegressor("model.onnx"); out = r.predict(batches)    # as massreg.engine.predict: pred (GeV),
-                                                                      # true, index (N,) numpy
-    """
-
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ExportError("--onnx needs onnxruntime: pip install 'massreg[export]'") from None
-        path = Path(path)
-        if not path.is_file():
-            raise ExportError(f"{path}: no such ONNX file")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT's InvalidProtobuf, Fail, ...: one type per cause, all "cannot load"
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ExportError(f"{path}: not an ONNX file ONNX Runtime can load ({first[:160]}); "
-                              "give a file written by massreg.export") from None
-        props = self.session.get_modelmeta().custom_metadata_map
-        if "massreg" not in props:
-            raise ExportError(f"{path}: an ONNX file without massreg metadata; "
-                              "give a file written by massreg.export")
-        self.path, self.meta = path, json.loads(props["massreg"])
-        inputs = {i["name"]: i for i in self.meta["inputs"]}
-        self.channels = [c["name"] for c in inputs[IMAGES]["channels"]]
-        self.aux_names = [c["name"] for c in inputs[AUX]["columns"]] if AUX in inputs else []
-
-    def __call__(self, images: np.ndarray, aux: np.ndarray | None = None) -> np.ndarray:
-        """images (B, C, 125, 125), aux (B, A) or None, raw values -> (B,) float32 GeV."""
-        feeds = {IMAGES: np.ascontiguousarray(images, dtype=np.float32)}
-        if self.aux_names:
-            feeds[AUX] = np.ascontiguousarray(aux, dtype=np.float32)
-        return self.session.run([MASS], feeds)[0]
-
-    def predict(self, batches) -> dict:
-        """dict(pred (N,) GeV, true (N,) GeV, index (N,)) over loader batches (float16 images, raw aux)."""
-        preds, trues, indices = [], [], []
-        for batch in batches:
-            aux = batch["aux"].numpy() if self.aux_names else None
-            preds.append(self(batch["images"].numpy().astype(np.float32), aux).astype(np.float64))
-            trues.append(np.asarray(batch["m"], dtype=np.float64))
-            indices.append(np.asarray(batch["index"], dtype=np.int64))
-        if not preds:
-            empty = np.zeros(0, dtype=np.float64)
-            return {"pred": empty, "true": empty.copy(), "index": np.zeros(0, dtype=np.int64)}
-        return {"pred": np.concatenate(preds), "true": np.concatenate(trues),
-                "index": np.concatenate(indices)}
-
-
 # ------------------------------------------------------------------------------------------------ CLI
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="The .onnx file to write; model.json (same stem) goes beside it.")
@@ -355,7 +243,7 @@ class OnnxRegressor:
 @click.option("--check-batch", default=8, show_default=True, type=int,
               help="Rows of the batch on which ONNX Runtime must agree with PyTorch before anything is "
                    "written.")
-@click.option("--force", is_flag=True, help="Replace --out and its model.json if they exist.")
+@force_option("Replace --out and its model.json if they exist.")
 def main(checkpoint, out, opset, check_batch, force):
     """Export CHECKPOINT (a best_*.pt or last.pt of massreg.train) to ONNX: raw detector images (and pt,
     ieta, iphi when the model takes them) in, the mass in GeV out; normalisation inside the graph.
@@ -365,14 +253,10 @@ def main(checkpoint, out, opset, check_batch, force):
       python -m massreg.export runs/top/best_val_loss.pt --out deploy/top_mass.onnx
       python -m massreg.predict --onnx deploy/top_mass.onnx data/raw/ --out check.csv
     """
-    from pipeline.signals import exit_on_interrupt, stop_on_signals
-
     config = ExportConfig(checkpoint=checkpoint, out=out, opset=opset, check_batch=check_batch, force=force)
     with exit_on_interrupt(f"export of {checkpoint}"), stop_on_signals() as stop:
-        try:
+        with user_errors():
             meta = export(config, stop=stop)
-        except (ExportError, OSError) as exc:
-            raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {out} and {config.json_path()} (opset {meta['opset']}, "
                f"{meta['export_seconds']:.1f} s; "
                f"ONNX Runtime within {meta['check']['max_abs_diff_gev']:.2g} GeV of PyTorch)",

@@ -2,7 +2,7 @@
 scalar (the jet mass) from detector images: `model(images (B, C, 125, 125), aux (B, num_aux) | None) -> (B,)`.
 
 DeepViT: the network of lucidrains' vit-pytorch `vit_pytorch/deepvit.py`, as printed in the original write-up
-(../shared/reference/seed-task3a-regression.md): a pre-norm transformer whose attention mixes the heads'
+(docs/data.md, "Earlier results and their pitfalls"): a pre-norm transformer whose attention mixes the heads'
 attention maps after the softmax ("re-attention") with a learned heads x heads matrix, then LayerNorms over
 the heads. The tests copy vit-pytorch's weights into this model and require equal outputs and gradients.
 What differs is how it is computed:

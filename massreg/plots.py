@@ -105,9 +105,14 @@ def plot_predictions(pred, true, out_dir, prefix: str = "", *, edges=None, label
         edges = mass_edges(lo, hi if hi > lo else lo + 1.0, 10)
     edges = np.asarray(edges, dtype=np.float64)
     suffix = f" ({label})" if label else ""
-    paths = []
+    return [save_figure(figure_pred_vs_true(pred, true, suffix), out_dir / _name(prefix, "pred_vs_true")),
+            save_figure(figure_residuals(pred - true, suffix), out_dir / _name(prefix, "residuals")),
+            save_figure(figure_response(binned_metrics(pred, true, edges), suffix),
+                        out_dir / _name(prefix, "response_resolution"))]
 
-    # 1. predicted against true: where the model is confused, and whether it hugs the mean.
+
+def figure_pred_vs_true(pred: np.ndarray, true: np.ndarray, suffix: str) -> Figure:
+    """Predicted against true: where the model is confused, and whether it hugs the mean."""
     fig = Figure(figsize=(5.6, 5), layout="constrained")
     ax = fig.subplots()
     # The range covers every true mass and the central 99.8 % of predictions, so that a few wild
@@ -128,10 +133,11 @@ def plot_predictions(pred, true, out_dir, prefix: str = "", *, edges=None, label
            title=f"predicted vs true mass{suffix}")
     ax.set_aspect("equal")
     ax.legend(loc="upper left")
-    paths.append(save_figure(fig, out_dir / _name(prefix, "pred_vs_true")))
+    return fig
 
-    # 2. residuals: the bias is the offset of the peak, the width the absolute resolution.
-    r = pred - true
+
+def figure_residuals(r: np.ndarray, suffix: str) -> Figure:
+    """Residuals pred - true (GeV): the bias is the offset of the peak, the width the absolute resolution."""
     fig = Figure(figsize=(6, 4.2), layout="constrained")
     ax = fig.subplots()
     r_lo, r_hi = np.percentile(r, [0.1, 99.9])  # mean and std are of all rows; the picture of 99.8 %
@@ -141,11 +147,12 @@ def plot_predictions(pred, true, out_dir, prefix: str = "", *, edges=None, label
     ax.set(xlabel="predicted - true mass [GeV]", ylabel="rows", title=f"residuals{suffix}")
     ax.legend()
     ax.grid(alpha=0.3)
-    paths.append(save_figure(fig, out_dir / _name(prefix, "residuals")))
+    return fig
 
-    # 3. response and resolution per true-mass bin: a model that predicts the mean has a response
-    #    falling from > 1 to < 1 across the range.
-    df = binned_metrics(pred, true, edges)
+
+def figure_response(df, suffix: str) -> Figure:
+    """Response and resolution per true-mass bin (a binned_metrics table): a model that predicts the mean has
+    a response falling from > 1 to < 1 across the range."""
     centres = 0.5 * (df["lo"] + df["hi"]).to_numpy()
     half = 0.5 * (df["hi"] - df["lo"]).to_numpy()
     fig = Figure(figsize=(6, 6), layout="constrained")
@@ -158,5 +165,4 @@ def plot_predictions(pred, true, out_dir, prefix: str = "", *, edges=None, label
     ax_res.set_ylim(bottom=0)
     for ax in (ax_resp, ax_res):
         ax.grid(alpha=0.3)
-    paths.append(save_figure(fig, out_dir / _name(prefix, "response_resolution")))
-    return paths
+    return fig

@@ -26,13 +26,27 @@ from typing import Callable, Iterable, Iterator
 import click
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from massreg.checkpoint import atomic_write, atomic_write_text
-from massreg.evaluate import EvaluateError, check_channels, load_model, resolve_device
-from pipeline.layout import COLUMN_ALIASES, SPLITS
-from pipeline.signals import StopFlag, polled
+from massreg import engine
+from massreg.checkpoint import check_channels, load_for_inference
+from massreg.cli import amp_option, batch_size_option, command, device_option, force_option, user_errors, \
+    workers_option
+from massreg.dataset import H5Images
+from massreg.distributed import DEVICES, resolve_device
+from massreg.deploy import OnnxRegressor
+from massreg.sampling import make_loader
+from pipeline.cuts import CUT_PRESETS, rows_passing
+from pipeline.errors import UserError
+from pipeline.files import atomic_write, atomic_write_text, check_new_output
+from pipeline.layout import SPLITS
+from pipeline.parallel import read_parquet_chunks
+from pipeline.parquet import expand_inputs as expand_paths
+from pipeline.parquet import parse_channels
+from pipeline.signals import StopFlag, exit_on_interrupt, polled, stop_on_signals
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 PARQUET_MAGIC = b"PAR1"
@@ -40,7 +54,7 @@ OUT_SUFFIXES = (".csv", ".parquet")
 COLUMNS = ("source", "row", "m_pred", "m_true")
 
 
-class PredictError(Exception):
+class PredictError(UserError):
     """Bad input or options for predict (one line: which file or option, and what to do)."""
 
 
@@ -71,8 +85,7 @@ class PredictConfig:
         if Path(self.out).suffix.lower() not in OUT_SUFFIXES:
             raise PredictError(f"--out {self.out}: the name must end in .csv or .parquet "
                                "(it picks the format)")
-        if Path(self.out).exists() and not self.force:
-            raise PredictError(f"--out {self.out} exists; pass --force to replace it")
+        check_new_output(self.out, self.force, label=f"--out {self.out}")
         if not Path(self.out).resolve().parent.is_dir():
             raise PredictError(f"--out {self.out}: folder {Path(self.out).parent} does not exist; "
                                "create it first")
@@ -81,7 +94,7 @@ class PredictConfig:
         if self.batch_size < 1 or self.chunk_size < 1 or self.workers < 0:
             raise PredictError(f"batch_size {self.batch_size}, chunk_size {self.chunk_size}, workers "
                                f"{self.workers}: sizes must be >= 1, workers >= 0")
-        if self.device not in ("auto", "cpu", "cuda"):
+        if self.device not in DEVICES:
             raise PredictError(f"--device {self.device!r}: choose auto, cpu or cuda")
 
 
@@ -105,74 +118,18 @@ def input_kind(path: Path) -> str:
 def expand_inputs(inputs) -> list[tuple[str, str]]:
     """[(path as given or found in a directory, kind)] in the order given: the converter's expansion (a
     directory stands for its *.parquet, sorted by name; each file once), each kind by its magic bytes."""
-    from pipeline.parquet import ConvertError
-    from pipeline.parquet import expand_inputs as expand
-
-    try:
-        paths = expand(inputs)
-    except ConvertError as exc:
-        raise PredictError(str(exc)) from None
-    return [(str(p), input_kind(p)) for p in paths]
-
-
-def parquet_cuts(config: PredictConfig, path: str) -> tuple[list, list[str]]:
-    """(cuts to apply, preset cuts skipped) for one Parquet file: the converter's presets and syntax, and like
-    the converter a preset cut on a column the file lacks is skipped, an explicit --cut on one is an error."""
-    import pyarrow.parquet as pq
-
-    from pipeline.cuts import CUT_PRESETS, parse_cut
-
-    texts = [(t, "preset") for t in CUT_PRESETS.get(config.cuts or "none", ())]
-    texts += [(t, "--cut") for t in config.extra_cuts]
-    if not texts:
-        return [], []
-    names = pq.read_schema(path).names
-    aliases = {a: canon for canon, al in COLUMN_ALIASES.items() for a in al}
-    canon_present = {aliases.get(n, n) for n in names}
-    cuts, skipped = [], []
-    for text, source in texts:
-        cut = parse_cut(text, source)
-        column = aliases.get(cut.column, cut.column)
-        if column not in canon_present:
-            if source == "preset":
-                skipped.append(text)
-                continue
-            raise PredictError(f"cut {text!r}: column {cut.column} is not in {path}; columns present: "
-                               f"{', '.join(names)}")
-        cuts.append((cut, column))
-    return cuts, skipped
-
-
-def kept_rows(path: str, cuts: list) -> np.ndarray | None:
-    """Sorted row numbers of `path` that pass every cut, from its scalar columns only (no image is read);
-    None when there are no cuts (every row)."""
-    if not cuts:
-        return None
-    import pyarrow.parquet as pq
-
-    names = pq.read_schema(path).names
-    source = {}  # canonical column -> source column, first alias present wins (as the converter)
-    for _, column in cuts:
-        source[column] = next((a for a in COLUMN_ALIASES.get(column, (column,)) if a in names), column)
-    table = pq.read_table(path, columns=sorted(set(source.values())))
-    keep = np.ones(table.num_rows, dtype=bool)
-    for cut, column in cuts:
-        values = table.column(source[column]).to_numpy(zero_copy_only=False).astype(np.float64)  # (N,)
-        keep &= cut.passes(values)
-    return np.flatnonzero(keep).astype(np.int64)
+    return [(str(p), input_kind(p)) for p in expand_paths(inputs)]
 
 
 def parquet_batches(path: str, *, channels, aux_names, batch_size: int, chunk_size: int, clip: bool,
                     rows: np.ndarray | None, record: dict, bar) -> Iterator[dict]:
-    """Loader-style batch dicts (as massreg.data.H5Images gives) from a Parquet file, decoded chunk by chunk.
+    """Loader-style batch dicts (as massreg.dataset.H5Images gives) from a Parquet file, decoded by chunks.
 
     The converter reads `chunk_size` row groups at a time (one row each in the real files), so chunks are
     gathered until a whole batch of `batch_size` rows is there: the model is called on full batches.
     "index" is the running position of each row; record["row"] / record["m"] receive, in that order, its row
     number in the file and its float64 mass (NaN where the file has none).
     """
-    from pipeline.parallel import read_parquet_chunks
-
     pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # (images, m, aux, row) parts
     n_pending, position = 0, 0
 
@@ -235,10 +192,8 @@ class Predictor:
 
 def torch_predictor(config: PredictConfig) -> Predictor:
     """The checkpoint's model on config.device, through massreg.engine (as evaluate)."""
-    from massreg import engine
-
     device = resolve_device(config.device)
-    ckpt, r = load_model(config.checkpoint, device)
+    ckpt, r = load_for_inference(config.checkpoint, device)
     aux_names = tuple(r.aux_scaler.names) if r.aux_scaler is not None else ()
 
     def run(batches):
@@ -253,12 +208,7 @@ def torch_predictor(config: PredictConfig) -> Predictor:
 
 def onnx_predictor(config: PredictConfig) -> Predictor:
     """The exported graph in ONNX Runtime on the CPU; its channels and aux from the file's own metadata."""
-    from massreg.export import ExportError, OnnxRegressor
-
-    try:
-        model = OnnxRegressor(config.onnx)
-    except ExportError as exc:
-        raise PredictError(str(exc)) from None
+    model = OnnxRegressor(config.onnx)
     meta = {"checkpoint": None, "device": "onnxruntime CPU",
             "onnx": {"path": config.onnx, "from_checkpoint": model.meta.get("checkpoint"),
                      "versions": model.meta.get("versions"), "channels": model.channels}}
@@ -270,7 +220,6 @@ def predict_file(path: str, kind: str, model: Predictor, config: PredictConfig, 
     """Predictions for one input as a DataFrame with COLUMNS; `stop` is polled before each batch."""
     aux_names = model.aux_names
     if kind == "hdf5":
-        from massreg.data import H5Images, make_loader
         if config.cuts is not None or config.extra_cuts:
             raise PredictError(f"{path}: --cuts/--cut apply to Parquet inputs only "
                                "(an HDF5 file was cut when "
@@ -286,13 +235,11 @@ def predict_file(path: str, kind: str, model: Predictor, config: PredictConfig, 
         if config.split is not None:
             raise PredictError(f"{path}: --split applies to HDF5 inputs only (a Parquet file has no split); "
                                "predict Parquet files in a separate call")
-        from pipeline.parquet import parse_channels
         channels = parse_channels(list(model.channels))  # the model's channels, by name
-        cuts, skipped = parquet_cuts(config, path)
+        rows, skipped = rows_passing(path, config.cuts or "none", config.extra_cuts)
         if skipped and progress:
-            tqdm.write(f"{path}: cut(s) {', '.join(skipped)} skipped: the file lacks their column",
-                       file=sys.stderr)
-        rows = kept_rows(path, cuts)
+            tqdm.write(f"{path}: cut(s) {', '.join(c.text for c in skipped)} skipped: the file lacks their "
+                       "column", file=sys.stderr)
         record = {"row": [], "m": []}
         total = None if rows is None else int(rows.size)
         with tqdm(total=total, desc=Path(path).name, unit="row", disable=not progress) as bar:
@@ -319,8 +266,6 @@ def _write_table(df: pd.DataFrame, out: Path, meta: dict) -> None:
         # full precision: floats round-trip exactly
         atomic_write(out, lambda fh: df.to_csv(fh, index=False, na_rep=""), mode="w")
         return
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            b"massreg_predict": json.dumps(meta).encode()})
@@ -344,8 +289,7 @@ def predict(config: PredictConfig, *, progress: bool = False, stop: StopFlag | N
     meta = {"config": asdict(config), **model.meta,
             "inputs": [{"path": p, "kind": k, "rows": int((df["source"] == p).sum())} for p, k in inputs],
             "columns": list(df.columns)}
-    if out.exists() and not config.force:  # checked again: it may have appeared while we worked
-        raise PredictError(f"--out {out} exists; pass --force to replace it")
+    check_new_output(out, config.force, label=f"--out {out}")   # again: it may have appeared while we worked
     side = out.with_name(out.name + ".json")
     if stop is not None:
         stop.check()
@@ -360,7 +304,7 @@ def predict(config: PredictConfig, *, progress: bool = False, stop: StopFlag | N
     return df
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@command()
 @click.argument("args", nargs=-1, required=True, metavar="[CHECKPOINT] INPUT...")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
               help="Output file: .csv or .parquet.")
@@ -369,7 +313,7 @@ def predict(config: PredictConfig, *, progress: bool = False, stop: StopFlag | N
                    "PyTorch; every argument is then an INPUT.")
 @click.option("--split", default=None, type=click.Choice(list(SPLITS)),
               help="HDF5 inputs: only the rows of this split [default: every row].")
-@click.option("--cuts", default=None, type=click.Choice(["paper", "top", "none"]),
+@click.option("--cuts", default=None, type=click.Choice(list(CUT_PRESETS)),
               help="Parquet inputs: the converter's cut preset [default: no cuts].")
 @click.option("--cut", "extra_cuts", multiple=True, metavar="EXPR",
               help="Parquet inputs: an extra cut in the converter's syntax, e.g. '|eta| < 1.4'; repeatable.")
@@ -377,12 +321,11 @@ def predict(config: PredictConfig, *, progress: bool = False, stop: StopFlag | N
               help="Parquet inputs: saturate values beyond float16's range, as convert.")
 @click.option("--chunk-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Parquet row groups per read.")
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--amp/--no-amp", default=False, show_default=True, help="bf16 autocast on CUDA.")
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
-              help="DataLoader workers (HDF5 inputs).")
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@batch_size_option(256)
+@device_option
+@amp_option
+@workers_option("DataLoader workers (HDF5 inputs).")
+@force_option("Replace --out if it exists.")
 def main(args, out, onnx, split, cuts, extra_cuts, clip, chunk_size, batch_size, device, amp, workers,
          force):
     """Predict the mass of every row of INPUT (raw Parquet or converted HDF5) with CHECKPOINT, or with the
@@ -394,19 +337,13 @@ def main(args, out, onnx, split, cuts, extra_cuts, clip, chunk_size, batch_size,
       python -m massreg.predict runs/top/best_val_loss.pt data/top.h5 --split test --out test.parquet
       python -m massreg.predict --onnx deploy/top_mass.onnx data/raw/ --out pred_onnx.csv
     """
-    from massreg.checkpoint import CheckpointError
-    from massreg.data import LayoutError
-    from pipeline.parquet import ConvertError
-    from pipeline.signals import exit_on_interrupt, stop_on_signals
     checkpoint, inputs = (None, list(args)) if onnx is not None else (args[0], list(args[1:]))
     config = PredictConfig(checkpoint=checkpoint, onnx=onnx, inputs=inputs, out=out, split=split, cuts=cuts,
                            extra_cuts=tuple(extra_cuts), clip=clip, chunk_size=chunk_size,
                            batch_size=batch_size, device=device, amp=amp, workers=workers, force=force)
     with exit_on_interrupt(f"prediction to {out}"), stop_on_signals() as stop:
-        try:
+        with user_errors():
             df = predict(config, progress=sys.stderr.isatty(), stop=stop)
-        except (PredictError, EvaluateError, CheckpointError, LayoutError, ConvertError, OSError) as exc:
-            raise click.ClickException(str(exc)) from None
     per = df.groupby("source", sort=False).size()
     click.echo(f"wrote {len(df)} predictions ({', '.join(f'{Path(s).name}: {n}' for s, n in per.items())}) "
                f"to {out}")

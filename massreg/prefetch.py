@@ -1,5 +1,5 @@
 """Feed the device: batches read ahead into reused host buffers, copied on a side stream, flipped and
-normalised on the device (timm's PrefetchLoader pattern; STYLE.md 12).
+normalised on the device (timm's PrefetchLoader pattern).
 
     reader = ThreadReader(train_set, pin=device.type == "cuda")      # or WorkerReader(train_set, workers=4)
     feed = DevicePrefetcher(reader, device, normalizer=norm, aux_scaler=aux, flip_seed=seed)
@@ -18,7 +18,7 @@ Two readers fill a ring of host buffers (float16 (B, C, 125, 125) each, allocate
 Which is faster is measured by benchmarks/bench_train.py (docs/performance.md); `--workers 0` (the default)
 uses the ThreadReader.
 
-The flips are a pure function of (seed, epoch, global row) (massreg.data.flip_masks), so any reader, any
+The flips are a pure function of (seed, epoch, global row) (massreg.sampling.flip_masks), so any reader, any
 number of workers or processes, and a resumed run see the same images. On CUDA they are applied on the device
 with the normalisation (the host only copies raw float16 rows). On the CPU the device is the host, and the
 cheapest place is the one copy that must happen anyway: the reader copies each row out of the file through a
@@ -36,7 +36,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from massreg.data import EpochBatches, H5Images, flip_masks
+from massreg.dataset import H5Images
+from massreg.sampling import EpochBatches, flip_masks, whole_batch
+from massreg.transforms import encode_aux
 from pipeline import layout
 from pipeline.signals import ignore_stop_signals
 
@@ -55,7 +57,7 @@ def _base(dataset) -> tuple[H5Images, np.ndarray | None]:
 HINT_AHEAD = 8    # batches: the blocks of batch k + 8 are asked for while batch k is read (block order)
 
 
-def _with_hints(sampler, ahead: int = HINT_AHEAD):
+def with_hints(sampler, ahead: int = HINT_AHEAD):
     """(positions, block ranges to read ahead now) per batch of `sampler`: the whole blocks (EpochBatches.
     block_ranges; none in row order) of the batch `ahead` steps later, each block once."""
     ranges_of = getattr(sampler, "block_ranges", None)
@@ -123,7 +125,7 @@ class ThreadReader:
             torch.cuda.synchronize()          # copies from the last epoch's buffers are done (once an epoch)
         ring = self._ring
         free = self._free = deque((s, None) for s in range(slots))
-        positions = _with_hints(sampler)
+        positions = with_hints(sampler)
         pending: deque = deque()
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="massreg-reader")
 
@@ -168,7 +170,7 @@ class _SlotTasks:
         return len(self.sampler)
 
     def __iter__(self):
-        for k, (idx, ranges) in enumerate(_with_hints(self.sampler)):
+        for k, (idx, ranges) in enumerate(with_hints(self.sampler)):
             yield k % self.slots, idx, ranges, self.flips
 
 
@@ -190,10 +192,6 @@ class _RingFetch(Dataset):
         del batch["images"]                   # stays in the shared ring; the main process maps the slot
         batch["slot"] = slot
         return batch
-
-
-def _whole(batch):
-    return batch
 
 
 class WorkerReader:
@@ -224,7 +222,8 @@ class WorkerReader:
             base, remap = _base(self.dataset)
             self._ring = _ring(self.slots, sampler.batch_size, base, shared=True)
             self._loader = DataLoader(_RingFetch(base, remap, self._ring), batch_sampler=self._tasks,
-                                      collate_fn=_whole, num_workers=self.workers, persistent_workers=True,
+                                      collate_fn=whole_batch, num_workers=self.workers,
+                                      persistent_workers=True,
                                       prefetch_factor=self.prefetch_factor,
                                       multiprocessing_context=self.context,
                                       # a stop signal is the trainer's to handle: it ends the workers
@@ -272,9 +271,7 @@ class DevicePrefetcher:
         return torch.from_numpy(eta), torch.from_numpy(phi)
 
     def _aux(self, aux: torch.Tensor) -> torch.Tensor | None:
-        if self.aux_scaler is None:
-            return None
-        return torch.as_tensor(self.aux_scaler.encode(aux), dtype=torch.float32, device=aux.device)
+        return None if self.aux_scaler is None else encode_aux(self.aux_scaler, aux)
 
     def _cpu(self, host_batches):
         """The plain path: one cast + normalise pass of the (already flipped) rows into one of two reused

@@ -55,4 +55,4 @@ def write_parquet(path, images, scalars, *, rows_per_group=1, image_name="X_jet"
     return path
 
 
-# ------------------------------------------------------------------ massreg builders (HDF5 files, checkpoints)
+# ------------------------------------------------------------------ massreg builders (HDF5 files, ckpts)

@@ -12,8 +12,10 @@ import pytest
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from massreg import data as D
-from massreg.data import AuxScaler, H5Images, LayoutError, Normalizer, TargetScaler, make_loader
+import massreg.dataset as dataset_module
+from massreg.dataset import H5Images, LayoutError
+from massreg.sampling import flip_masks, make_loader
+from massreg.transforms import AuxScaler, Normalizer, TargetScaler
 from pipeline import layout
 
 S = layout.IMAGE_SIZE
@@ -165,7 +167,7 @@ def test_reused_batch_memory_never_overwrites_a_held_batch(two_files):
     for keep, snapshot in held:
         if keep is not None:
             np.testing.assert_array_equal(bits(np.asarray(keep)), snapshot)
-    ptrs = {a.ctypes.data for a in ds._pool}
+    ptrs = {a.ctypes.data for a in ds.buffer_pool}
     del held, images, keep
     idx = np.arange(6)
     again = ds.__getitems__(idx)["images"]
@@ -235,16 +237,16 @@ def test_pickles_cheaply_and_reopens_per_process(two_files, monkeypatch):
     paths, _ = two_files
     ds = H5Images(paths, "train")
     first = ds[0]["images"]                    # opens the memmaps in this process
-    assert ds._maps is not None
+    assert ds.maps is not None
     blob = pickle.dumps(ds)
     assert len(blob) < 4096 + 64 * len(ds)      # metadata + labels; images are 40 * 94 kB
     clone = pickle.loads(blob)
-    assert clone._maps is None
+    assert clone.maps is None
     np.testing.assert_array_equal(bits(clone[0]["images"]), bits(first))
-    maps = ds._maps
-    monkeypatch.setattr(D.os, "getpid", lambda: -1)  # as seen from a forked child
+    maps = ds.maps
+    monkeypatch.setattr(dataset_module.os, "getpid", lambda: -1)  # as seen from a forked child
     ds[0]
-    assert ds._maps is not maps
+    assert ds.maps is not maps
 
 
 def batches(loader):
@@ -256,7 +258,7 @@ def batches(loader):
 @pytest.mark.parametrize("context, workers", [("fork", 2), ("spawn", 1)])
 def test_workers_yield_the_same_batches(two_files, context, workers):
     paths, _ = two_files
-    ds = H5Images(paths, "train", aux=("ieta",), flips=True, seed=5)
+    ds = H5Images(paths, "train", aux=("ieta",))
     ds[0]  # memmaps open in the parent: a forked worker must not reuse them
     ref, sizes = batches(make_loader(ds, batch_size=4, shuffle=True, seed=3, epoch=2))
     got, sizes2 = batches(make_loader(ds, batch_size=4, shuffle=True, seed=3, epoch=2, workers=workers,
@@ -284,21 +286,25 @@ def test_shuffle_is_seeded_per_epoch_and_sampler_is_honoured(two_files):
     sub = torch.utils.data.Subset(ds, range(7))
     got = [i for b in make_loader(sub, batch_size=5, shuffle=False, seed=0, epoch=9)
            for i in b["index"].tolist()]
-    assert got == list(range(7)) and ds.epoch == 9  # the flips of a Subset's dataset follow the epoch too
+    assert got == list(range(7))
     with pytest.raises(ValueError, match="shuffle=False"):
         make_loader(ds, batch_size=5, shuffle=True, seed=0, sampler=DistributedSampler(ds, 2, 0))
 
 
 def test_flips_are_deterministic_and_really_flip(two_files):
+    """read_into(..., flips=(seed, epoch)): each image flipped while it is copied out of the file."""
     paths, parts = two_files
-    plain = H5Images(paths, "train")
-    ds = H5Images(paths, "train", flips=True, seed=11)
+    ds = H5Images(paths, "train")
     idx = np.arange(len(ds))
-    src = plain.__getitems__(idx)["images"].numpy()               # (n, C, H, W) unflipped
-    ds.set_epoch(4)
-    out = ds.__getitems__(idx)["images"].numpy()
-    np.testing.assert_array_equal(bits(ds.__getitems__(idx[::-1])["images"].numpy()), bits(out[::-1]))
-    eta, phi = D.flip_masks(11, 4, ds.rows)
+    src = ds.__getitems__(idx)["images"].numpy().copy()            # (n, C, H, W) unflipped
+
+    def flipped(positions, epoch):
+        out = torch.empty((len(positions), *src.shape[1:]), dtype=torch.float16)
+        return ds.read_into(positions, out, flips=(11, epoch))["images"].numpy()
+
+    out = flipped(idx, 4)
+    np.testing.assert_array_equal(bits(flipped(idx[::-1], 4)), bits(out[::-1]))
+    eta, phi = flip_masks(11, 4, ds.rows)
     for i in idx:
         want = src[i]
         want = np.flip(want, 1) if eta[i] else want   # eta: H axis of one (C, H, W) image
@@ -307,9 +313,8 @@ def test_flips_are_deterministic_and_really_flip(two_files):
     assert 0 < eta.sum() < len(ds) and 0 < phi.sum() < len(ds) and (eta != phi).any()
     changed = [(bits(out[i]) != bits(src[i])).any() for i in idx]
     np.testing.assert_array_equal(changed, eta | phi)  # random images: every flip changes the image
-    ds.set_epoch(5)
-    assert not np.array_equal(bits(ds.__getitems__(idx)["images"].numpy()), bits(out))
-    many = np.stack(D.flip_masks(0, 0, np.arange(20000)))
+    assert not np.array_equal(bits(flipped(idx, 5)), bits(out))
+    many = np.stack(flip_masks(0, 0, np.arange(20000)))
     assert np.all(np.abs(many.mean(axis=1) - 0.5) < 0.02) and abs(np.corrcoef(many)[0, 1]) < 0.03
 
 

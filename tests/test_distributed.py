@@ -53,7 +53,7 @@ def test_two_process_gloo_run_matches_single_process_evaluation(tmp_path, model)
     assert metrics["epoch"].tolist() == [1]
     last = ck.load_checkpoint(run / "last.pt")
     assert len(last["rng"]["ranks"]) == 2 and not any(k.startswith("module.") for k in last["model"])
-    from massreg.data import H5Images
+    from massreg.dataset import H5Images
     n_train = len(H5Images(data, "train"))
     # each rank takes ceil(n_train / 2) rows (DistributedSampler), batch 4; the gradients are averaged
     assert last["step"] == -(-(-(-n_train // 2)) // 4)

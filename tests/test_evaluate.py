@@ -108,8 +108,9 @@ def make_checkpoint(path, data_paths, *, channels=CHANNELS, aux=(), seed=0):
     from dataclasses import asdict
 
     from massreg import checkpoint as ck
-    from massreg.config import ModelConfig, build_model
-    from massreg.data import H5Images, Normalizer
+    from massreg.registry import ModelConfig, build_model
+    from massreg.dataset import H5Images
+    from massreg.transforms import Normalizer
 
     torch.manual_seed(seed)
     mcfg = ModelConfig(channels=len(channels), num_aux=len(aux), **TINY)
@@ -134,7 +135,7 @@ def make_checkpoint(path, data_paths, *, channels=CHANNELS, aux=(), seed=0):
 
 def oracle_predictions(ckpt_path, data_paths, split, aux=()):
     """Predictions computed without massreg.data / engine: h5py reads, numpy normalisation, a bare forward."""
-    from massreg.config import ModelConfig, build_model
+    from massreg.registry import ModelConfig, build_model
 
     ckpt = torch.load(ckpt_path, weights_only=True)
     model = build_model(ModelConfig(**ckpt["model_config"]))

@@ -15,8 +15,9 @@ from click.testing import CliRunner
 
 from massreg import engine
 from massreg.checkpoint import load_checkpoint, restore, save_checkpoint
-from massreg.config import PRESETS, build_model, model_config
-from massreg.export import ATOL, RTOL, ExportConfig, ExportError, OnnxRegressor, export, main, max_excess
+from massreg.registry import PRESETS, build_model, model_config
+from massreg.deploy import ATOL, RTOL, ExportError, OnnxRegressor, max_excess
+from massreg.export import ExportConfig, export, main
 from pipeline.convert import ConvertConfig, convert
 from pipeline.synth import SynthConfig, generate
 
@@ -268,8 +269,8 @@ def test_a_failed_check_writes_nothing(world, tmp_path, monkeypatch):
     import massreg.export as ex
 
     d, _, _, ckpt = world
-    trace = ex._trace
-    monkeypatch.setattr(ex, "_trace", lambda deployed, *args: trace(Shifted(deployed), *args))
+    trace = ex.trace
+    monkeypatch.setattr(ex, "trace", lambda deployed, *args: trace(Shifted(deployed), *args))
     with pytest.raises(ExportError, match="differ by up to 1"):
         export(ExportConfig(checkpoint=ckpt, out=str(tmp_path / "m.onnx")))
     assert list(tmp_path.iterdir()) == []

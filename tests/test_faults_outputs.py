@@ -101,7 +101,7 @@ def test_export_stopped_by_sigterm_writes_nothing(setup, tmp_path, monkeypatch):
     import massreg.export as export
 
     _, _, ckpt = setup
-    monkeypatch.setattr(export, "_trace", signal_during(export._trace, signal.SIGTERM))
+    monkeypatch.setattr(export, "trace", signal_during(export.trace, signal.SIGTERM))
     result = invoke(export.main, [ckpt, "--out", tmp_path / "m.onnx"])
     one_line(result, 143, "export of", "SIGTERM", "no output was written")
     assert list(tmp_path.iterdir()) == []
@@ -110,13 +110,13 @@ def test_export_stopped_by_sigterm_writes_nothing(setup, tmp_path, monkeypatch):
 @pytest.mark.parametrize("fails", ["onnx", "json"])
 def test_export_on_a_full_disk_is_one_line(setup, tmp_path, monkeypatch, fails):
     """Whichever of the two files fails, neither is left (an .onnx without its .json is not an export)."""
-    import massreg.checkpoint as checkpoint
+    import massreg.export as export
 
     from massreg.export import main
 
     _, _, ckpt = setup
     name = "atomic_write" if fails == "onnx" else "atomic_write_text"
-    monkeypatch.setattr(checkpoint, name, full_disk)
+    monkeypatch.setattr(export, name, full_disk)
     result = invoke(main, [ckpt, "--out", tmp_path / "m.onnx"])
     one_line(result, 1, f"m.{fails}", "No space left on device", "nothing was written")
     assert list(tmp_path.iterdir()) == []

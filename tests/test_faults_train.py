@@ -36,10 +36,12 @@ def straight(tmp_path_factory, data_file):
     """The uninterrupted oracle: 2 epochs of a small DeepViT with dropout, aux, flips, shuffling."""
     from _pytest.monkeypatch import MonkeyPatch
 
-    from massreg.train import build_config, train
+    from massreg.recipes import build_config
+
+    from massreg.trainer import train
 
     with MonkeyPatch.context() as mp:
-        mp.setattr("massreg.train.make_plots", lambda *a, **k: None)
+        mp.setattr("massreg.trainer.make_plots", lambda *a, **k: None)
         register_model(mp, "tiny-dropout")
         run = tmp_path_factory.mktemp("straight") / "run"
         train(build_config(**options(data_file), run_dir=str(run)), echo=QUIET)
@@ -59,7 +61,7 @@ def cli_options(data_file) -> list:
 
 @pytest.fixture
 def trainer(monkeypatch):
-    monkeypatch.setattr("massreg.train.make_plots", lambda *a, **k: None)   # tested elsewhere; slow
+    monkeypatch.setattr("massreg.trainer.make_plots", lambda *a, **k: None)   # tested elsewhere; slow
     register_model(monkeypatch, "tiny-dropout")
 
 
@@ -106,7 +108,8 @@ def steps_per_epoch(run: Path) -> int:
                                            (signal.SIGTERM, "last batch")])
 def test_signal_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, data_file, straight, trainer,
                                                                   monkeypatch, signum, where):
-    from massreg.train import build_config, train
+    from massreg.recipes import build_config
+    from massreg.trainer import train
 
     spe = steps_per_epoch(straight)
     k = spe + 2 if where == "mid" else spe            # epoch 2's 2nd batch, or epoch 1's last
@@ -135,7 +138,8 @@ def test_checkpoint_every_minutes_loses_at_most_that_much_to_a_kill(tmp_path, da
                                                                      monkeypatch):
     """A job killed without warning (here: an exception in the middle of a step) resumes from the last timed
     mid-epoch checkpoint and still ends as an uninterrupted run."""
-    from massreg.train import build_config, train
+    from massreg.recipes import build_config
+    from massreg.trainer import train
 
     spe = steps_per_epoch(straight)
     killed_at = spe + 3                               # epoch 2, its 3rd step: 2 steps of it saved before
@@ -174,7 +178,8 @@ def test_signal_during_the_epoch_checkpoint_write_stops_after_it(tmp_path, data_
                                                                   monkeypatch):
     """A SIGTERM while epoch 1's last.pt is written: the write completes (nothing half-written), the run
     stops at the epoch's end, and resumes to the uninterrupted result."""
-    from massreg.train import build_config, train
+    from massreg.recipes import build_config
+    from massreg.trainer import train
 
     patch_save(monkeypatch, send(signal.SIGTERM), on_call=1)          # epoch 1's last.pt
     run = tmp_path / "run"
@@ -238,7 +243,8 @@ def test_full_disk_during_a_checkpoint_write_is_one_line(tmp_path, data_file, tr
 
 def test_resume_inside_an_epoch_needs_the_same_number_of_processes(tmp_path, data_file, straight, trainer,
                                                                    monkeypatch):
-    from massreg.train import build_config, train
+    from massreg.recipes import build_config
+    from massreg.trainer import train
 
     at_training_step(monkeypatch, 2, send(signal.SIGTERM))
     run = tmp_path / "run"

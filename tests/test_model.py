@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from massreg.config import PRESETS, ModelConfig, build_model, complete, model_config
+from massreg.registry import PRESETS, ModelConfig, build_model, complete, model_config
 from massreg.model import Attention, DeepViT, Dropout, HeadNorm, ResNet, ResidualBlock
 
 TINY = dict(image_size=125, patch_size=25, channels=4, dim=32, depth=3, heads=4, dim_head=8, mlp_dim=64,

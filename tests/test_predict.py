@@ -40,7 +40,7 @@ def family_checkpoint(world, preset: str) -> str:
     from dataclasses import asdict
 
     from massreg import checkpoint as ck
-    from massreg.config import build_model, model_config
+    from massreg.registry import build_model, model_config
 
     d, _, _, ckpt = world
     path = d / f"{preset}.pt"

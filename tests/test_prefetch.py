@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch.utils.data import RandomSampler, Subset
 
-from massreg import data as D
-from massreg.data import EpochBatches, H5Images, Normalizer, epoch_order
-from massreg.prefetch import DevicePrefetcher, ThreadReader, WorkerReader, _with_hints
+from massreg.dataset import H5Images
+from massreg.sampling import EpochBatches, epoch_order, epoch_seed, flip_masks
+from massreg.transforms import AuxScaler, Normalizer
+from massreg.prefetch import DevicePrefetcher, ThreadReader, WorkerReader, with_hints
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_data import make_rows, write_file  # noqa: E402
@@ -47,17 +48,16 @@ def test_device_flips_equal_numpy_flips_with_the_masks_of_flip_masks(shards, mod
     ds = H5Images(shards, "train")
     norm = Normalizer.from_stats(ds.stats, mode, ds.channels)
     batch = ds.__getitems__(np.arange(len(ds)))
-    eta, phi = D.flip_masks(4, 2, batch["row"].numpy())
+    eta, phi = flip_masks(4, 2, batch["row"].numpy())
     assert eta.any() and phi.any() and (eta & phi).any() and (~eta & ~phi).any()
     x16 = batch["images"]
-    kernel = norm if path == "rows" else (lambda *a: norm._batched(*a, None))
+    kernel = norm if path == "rows" else (lambda *a: norm.batched(*a, None))
     got = kernel(x16, torch.from_numpy(eta), torch.from_numpy(phi))
     want = numpy_oracle(x16.numpy(), eta, phi, norm)
     np.testing.assert_array_equal(got.numpy().view(np.uint32), want.view(np.uint32))   # bit for bit
-    # ... and equal to the old path: numpy flips on the host (H5Images(flips=True)), then the normaliser
-    old = H5Images(shards, "train", flips=True, seed=4)
-    old.set_epoch(2)
-    np.testing.assert_array_equal(got.numpy(), norm(old.__getitems__(np.arange(len(ds)))["images"]).numpy())
+    # ... and equal to the reader's path: flipped while read out of the file, then the normaliser
+    read = ds.read_into(np.arange(len(ds)), torch.empty_like(x16), flips=(4, 2))["images"]
+    np.testing.assert_array_equal(got.numpy(), norm(read).numpy())
 
 
 def test_read_into_flips_while_reading_any_order_and_duplicates(shards):
@@ -67,7 +67,7 @@ def test_read_into_flips_while_reading_any_order_and_duplicates(shards):
     out = torch.empty_like(plain["images"])
     got = ds.read_into(idx, out, flips=(9, 1))
     assert got["images"] is out
-    eta, phi = D.flip_masks(9, 1, plain["row"].numpy())
+    eta, phi = flip_masks(9, 1, plain["row"].numpy())
     want = [np.flip(np.flip(img, 1) if e else img, 2) if p else (np.flip(img, 1) if e else img)
             for img, e, p in zip(plain["images"].numpy(), eta, phi)]
     np.testing.assert_array_equal(out.numpy().view(np.uint16), np.stack(want).view(np.uint16))
@@ -81,7 +81,7 @@ def test_normalizer_writes_into_a_given_buffer(shards):
     x16 = ds.__getitems__(np.arange(5))["images"]
     out = torch.full((5, *x16.shape[1:]), float("nan"))
     assert norm(x16, out=out) is out
-    torch.testing.assert_close(out, norm._batched(x16, None, None, None), rtol=0, atol=0)
+    torch.testing.assert_close(out, norm.batched(x16, None, None, None), rtol=0, atol=0)
 
 
 def host_reference(fit_set, batches: EpochBatches) -> list[dict]:
@@ -94,7 +94,7 @@ def test_prefetcher_yields_the_batches_of_the_plain_path(shards, reader):
     train = H5Images(shards, "train", aux=AUX)
     fit = Subset(train, range(len(train) - 3))           # as --max-train-samples
     norm = Normalizer.from_stats(train.stats, "reference", train.channels)
-    aux = D.AuxScaler.from_stats(train.stats, AUX)
+    aux = AuxScaler.from_stats(train.stats, AUX)
     r = ThreadReader(fit, depth=2) if reader == "thread" else WorkerReader(fit, workers=2)
     feed = DevicePrefetcher(r, "cpu", normalizer=norm, aux_scaler=aux, flip_seed=7)
     try:
@@ -106,7 +106,7 @@ def test_prefetcher_yields_the_batches_of_the_plain_path(shards, reader):
                    for b in feed.epoch(batches, epoch)]
             assert len(got) == len(ref) == batches.steps()
             for g, h in zip(got, ref):
-                eta, phi = D.flip_masks(7, epoch, h["row"].numpy())
+                eta, phi = flip_masks(7, epoch, h["row"].numpy())
                 want = numpy_oracle(h["images"].numpy(), eta, phi, norm)
                 np.testing.assert_array_equal(g["x"].numpy(), want)
                 np.testing.assert_array_equal(g["index"].numpy(), h["index"].numpy())
@@ -139,7 +139,7 @@ def test_thread_reader_never_overwrites_a_batch_before_it_is_released(shards):
 
 
 def test_row_order_is_the_random_sampler_of_earlier_versions():
-    n, g = 101, torch.Generator().manual_seed(D.epoch_seed(5, 3))
+    n, g = 101, torch.Generator().manual_seed(epoch_seed(5, 3))
     assert epoch_order(n, order="row", seed=5, epoch=3).tolist() == list(RandomSampler(range(n), generator=g))
 
 
@@ -182,13 +182,13 @@ def test_epoch_batches_start_at_any_step_and_split_over_ranks(order):
 def test_block_order_reads_each_block_ahead_once(shards):
     sampler = EpochBatches(200, 8, order="block", seed=0, block_rows=16, window_blocks=2)
     hinted_at = {}
-    for k, (idx, ranges) in enumerate(_with_hints(sampler, ahead=3)):
+    for k, (idx, ranges) in enumerate(with_hints(sampler, ahead=3)):
         for r in ranges:
             assert r not in hinted_at
             hinted_at[r] = k
         assert all(hinted_at[r] <= max(0, k - 3) for r in sampler.block_ranges(idx))  # asked 3 batches early
     assert sorted(hinted_at) == [(lo, min(lo + 16, 200)) for lo in range(0, 200, 16)]
-    assert all(not r for _, r in _with_hints(EpochBatches(200, 8, order="row"), ahead=3))
+    assert all(not r for _, r in with_hints(EpochBatches(200, 8, order="row"), ahead=3))
     H5Images(shards, "train").will_need(np.arange(3, 30))       # posix_fadvise across both files: no error
 
 
@@ -196,7 +196,7 @@ def test_block_order_reads_each_block_ahead_once(shards):
 def test_cuda_prefetcher_equals_the_cpu_path(shards):
     train = H5Images(shards, "train", aux=AUX)
     norm = Normalizer.from_stats(train.stats, "reference", train.channels)
-    aux = D.AuxScaler.from_stats(train.stats, AUX)
+    aux = AuxScaler.from_stats(train.stats, AUX)
     batches = EpochBatches(len(train), 8, order="row", seed=0, epoch=1)
     cpu = DevicePrefetcher(ThreadReader(train), "cpu", normalizer=norm, aux_scaler=aux, flip_seed=2)
     want = [{k: v.clone() for k, v in b.items() if k in ("x", "m")} for b in cpu.epoch(batches, 1)]

@@ -79,7 +79,7 @@ NEW_MODEL_FIELDS = ("family", "stem", "widths", "blocks", "head_dims", "reattn_i
 def test_check_model_config_fills_fields_an_old_checkpoint_lacks():
     from dataclasses import asdict
 
-    from massreg.config import model_config
+    from massreg.registry import model_config
 
     tiny = asdict(model_config("tiny", channels=8, num_aux=3))
     old = {k: v for k, v in tiny.items() if k not in NEW_MODEL_FIELDS}
@@ -98,18 +98,6 @@ def test_rng_capture_restore_replays_every_generator():
     ck.restore_rng(state)
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
-
-
-def test_unwrap_compiled_model_has_no_prefix():
-    lin = torch.nn.Linear(2, 1)
-
-    class Wrapper(torch.nn.Module):  # what torch.compile's OptimizedModule looks like from outside
-        def __init__(self, inner):
-            super().__init__()
-            self._orig_mod = inner
-
-    assert ck.unwrap(Wrapper(lin)) is lin
-    assert set(ck.unwrap(Wrapper(lin)).state_dict()) == {"weight", "bias"}
 
 
 # ---------------------------------------------------------------- engine.predict
@@ -232,7 +220,8 @@ def write_layout_file(path, n=48, channels=("track_pt", "dz", "d0", "ecal"), see
 # ---------------------------------------------------------------- trainer helpers
 
 def test_lr_schedules_match_torch():
-    from massreg.train import build_config, lr_at
+    from massreg.optim import lr_at
+    from massreg.recipes import build_config
 
     seed = build_config("seed", data=("x.h5",), model="tiny")
     model = torch.nn.Linear(1, 1)
@@ -253,7 +242,7 @@ def test_lr_schedules_match_torch():
 
 
 def test_recipes_and_overrides():
-    from massreg.train import TrainConfig, build_config
+    from massreg.recipes import TrainConfig, build_config
 
     seed = build_config("seed", data=("x.h5",))
     # the original write-up, field by field
@@ -268,8 +257,8 @@ def test_recipes_and_overrides():
     assert build_config(data=("x.h5",)).lr == 1e-4
     assert (build_config(data=("x.h5",), model="tiny").lr == build_config(data=("x.h5",), model="small").lr
             == 1e-3)
-    from massreg.config import PRESETS
-    from massreg.train import DEFAULT_LR
+    from massreg.registry import PRESETS
+    from massreg.recipes import DEFAULT_LR
     assert set(DEFAULT_LR) == set(PRESETS)                                   # every preset has its lr
     lrs = {m: build_config(data=("x.h5",), model=m).lr for m in ("resnet", "hybrid", "hybrid-seed")}
     assert lrs == {"resnet": 1e-3, "hybrid": 1e-3, "hybrid-seed": 1e-4}
@@ -292,14 +281,15 @@ def test_recipes_and_overrides():
     (dict(model="hybrid", patch_norm=True), "--patch-norm: the hybrid model has no patch norm"),
 ])
 def test_invalid_options_are_refused_before_work(options, message):
-    from massreg.train import ConfigError, build_config
+    from massreg.recipes import ConfigError, build_config
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         build_config("default", **{"data": ("x.h5",), **options})
 
 
 def test_force_removes_only_run_files(tmp_path):
-    from massreg.train import ConfigError, build_config, prepare_run_dir
+    from massreg.recipes import ConfigError, build_config
+    from massreg.rundir import prepare_run_dir
 
     run = tmp_path / "run"
     (run / "plots").mkdir(parents=True)
@@ -332,7 +322,7 @@ def data_file(tmp_path_factory):
 def tiny_run(tmp_path_factory, data_file):
     """One 2-epoch run of the default recipe (aux, flips, reference norm), recording which splits were
     opened."""
-    from massreg import data
+    from massreg import dataset as data
 
     opened = []
     original = data.H5Images.__init__
@@ -381,7 +371,7 @@ def test_best_checkpoint_reproduces_logged_val_metrics(tiny_run, data_file):
     """Oracle: rebuild the model from best_val_loss.pt alone, predict val by hand, MAE with numpy."""
     import pandas as pd
 
-    from massreg.data import H5Images
+    from massreg.dataset import H5Images
 
     run, _, _ = tiny_run
     ckpt = ck.load_checkpoint(run / "best_val_loss.pt")
@@ -431,7 +421,7 @@ def test_checkpoint_from_before_the_model_families_restores_and_resumes(tiny_run
     r = ck.restore(ck.load_checkpoint(old_run / "best_val_loss.pt"))
     assert isinstance(r.model, DeepViT)
     assert (r.model_config.family, r.model_config.stem) == ("deepvit", "patch")
-    monkeypatch.setattr("massreg.train.make_plots", lambda *a, **k: None)
+    monkeypatch.setattr("massreg.trainer.make_plots", lambda *a, **k: None)
     result = run_cli(["--resume", old_run, "--epochs", 3])
     assert result.exit_code == 0, result.output
     last = ck.load_checkpoint(old_run / "last.pt")
@@ -471,7 +461,7 @@ RESUME_MODELS = {
 
 
 def register_model(monkeypatch, name: str) -> None:
-    from massreg import config as mconfig
+    from massreg import registry as mconfig
 
     options = dict(RESUME_MODELS[name])
     monkeypatch.setitem(mconfig.PRESETS, name, mconfig.model_config(options.pop("preset"), **options))
@@ -485,9 +475,11 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, data_fil
     The model has dropout and the recipe shuffles, flips and feeds aux, so every RNG path is exercised."""
     import pandas as pd
 
-    from massreg.train import build_config, train
+    from massreg.recipes import build_config
 
-    monkeypatch.setattr("massreg.train.make_plots", lambda *a, **k: None)  # plots are tested elsewhere; slow
+    from massreg.trainer import train
+
+    monkeypatch.setattr("massreg.trainer.make_plots", lambda *a, **k: None)  # plots are tested elsewhere; slow
     register_model(monkeypatch, model)
     opts = dict(data=(str(data_file),), model=model, batch_size=8, epochs=2, device="cpu", seed=3)
     quiet = lambda *a, **k: None  # noqa: E731
@@ -536,9 +528,10 @@ def test_block_order_resumed_with_worker_processes_gives_the_same_weights(tmp_pa
     """--shuffle block, 2 epochs straight with reader threads vs 1 epoch, stop, --resume with --workers 1
     (a persistent worker process reading into shared buffers): the same images in the same order, so the
     same weights."""
-    from massreg.train import build_config, train
+    from massreg.recipes import build_config
+    from massreg.trainer import train
 
-    monkeypatch.setattr("massreg.train.make_plots", lambda *a, **k: None)
+    monkeypatch.setattr("massreg.trainer.make_plots", lambda *a, **k: None)
     register_model(monkeypatch, "tiny-dropout")
     opts = dict(data=(str(data_file),), model="tiny-dropout", batch_size=8, epochs=2, device="cpu", seed=4,
                 shuffle="block")

@@ -1,4 +1,4 @@
-"""Model configuration: the dataclass saved with every checkpoint, named presets, and the model builder.
+"""The model registry: the ModelConfig dataclass saved with every checkpoint, named presets, the builder.
 
     cfg = model_config("small", channels=8, num_aux=3); model = build_model(cfg)
     cfg = model_config("resnet", channels=8, num_aux=3); model = build_model(cfg)   # same inputs, same (B,)
@@ -101,7 +101,8 @@ class ModelConfig:
 NO_DROPOUT = dict(dropout=0.0, emb_dropout=0.0)
 HYBRID = dict(family="deepvit", stem="conv", patch_norm=False, patch_size=5, reattn_init="scaled")
 PRESETS: dict[str, ModelConfig] = {
-    # The original write-up's model (reference/seed-task3a-regression.md): 40,397,161 parameters (4 channels).
+    # The original write-up's model (docs/data.md, "Earlier results and their pitfalls"): 40,397,161
+    # parameters (4 channels).
     "seed": ModelConfig(),
     # A quarter of the width: ~3.8 M parameters; a GPU model for quick studies, a slow one on a CPU.
     "small": ModelConfig(dim=256, depth=6, heads=8, dim_head=32, mlp_dim=512),
@@ -118,7 +119,7 @@ PRESETS: dict[str, ModelConfig] = {
     # GPU size: a wider, deeper stem and a transformer between `small` and `seed` (~13 M parameters).
     "hybrid-seed": ModelConfig(**HYBRID, widths=(64, 128), blocks=(2, 2), dim=512, depth=6, heads=8,
                                dim_head=64, mlp_dim=1024, dropout=0.1, emb_dropout=0.1),
-    # The ResNet of issue 9 (CPU / demo size, ~0.41 M parameters with 8 channels and 3 aux).
+    # The ResNet baseline (CPU / demo size, ~0.41 M parameters with 8 channels and 3 aux).
     "resnet": ModelConfig(family="resnet", stem="conv", patch_norm=False, widths=(16, 32, 64, 128),
                           blocks=(1, 2, 2, 1), head_dims=(64,), **NO_DROPOUT),
     # Twice the width, two blocks per stage (~2.8 M parameters): for GPU studies.
