@@ -4,7 +4,7 @@
     python benchmarks/bench_train.py --device cuda --preset seed --bf16 --batch-size 256
     python benchmarks/bench_train.py --only cold --rows 16000          # cold-cache read rates only
 
-Loop: massreg.train.train_one_epoch (lr schedule, loss, backward, grad clipping, the non-finite check,
+Loop: massreg.trainer.train_epoch (lr schedule, loss, backward, grad clipping, the non-finite check,
 optimizer step) fed three ways, on the same model, optimizer, device, batch and precision:
   model-only  one batch, prepared on the device once (flipped, normalised, aux encoded) and fed again and
               again: the speed of the model and optimizer alone, the ceiling of the loop
@@ -43,14 +43,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))    # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loader import build_file, warm_page_cache  # noqa: E402
+from bench_loader import HostFlips, build_file, warm_page_cache  # noqa: E402
 
-from massreg import engine  # noqa: E402
-from massreg.config import build_model, model_config  # noqa: E402
-from massreg.data import (BLOCK_ROWS, WINDOW_BLOCKS, AuxScaler, EpochBatches, H5Images,  # noqa: E402
-                          Normalizer, TargetScaler, epoch_order, make_loader)
+from massreg.dataset import H5Images  # noqa: E402
+from massreg.distributed import Dist  # noqa: E402
+from massreg.optim import make_optimizer  # noqa: E402
 from massreg.prefetch import DevicePrefetcher, ThreadReader, WorkerReader  # noqa: E402
-from massreg.train import Dist, build_config, make_optimizer, train_one_epoch  # noqa: E402
+from massreg.recipes import build_config  # noqa: E402
+from massreg.registry import build_model, model_config  # noqa: E402
+from massreg.sampling import BLOCK_ROWS, WINDOW_BLOCKS, EpochBatches, epoch_order, make_loader  # noqa: E402
+from massreg.trainer import RunData, RunState, train_epoch  # noqa: E402
+from massreg.transforms import AuxScaler, Normalizer, TargetScaler, encode_aux  # noqa: E402
 
 AUX = ("pt", "ieta", "iphi")
 REAL_TRAIN_ROWS = 735_000        # ~70 % of the real data's 1.05 M rows
@@ -81,12 +84,23 @@ class BenchConfig:
     seed: int = 0
 
 
-class _Bar:
-    def update(self, n):
-        pass
+class _StreamFeed:
+    """The trainer's feed (DevicePrefetcher's interface), each epoch the next n batches of one stream."""
 
-    def set_postfix(self, **kw):
-        pass
+    def __init__(self, stream, n: int):
+        self.stream, self.n = stream, n
+
+    def epoch(self, sampler, epoch):
+        def batches():               # a generator: the trainer closes it; that leaves the stream open
+            yield from itertools.islice(self.stream, self.n)
+        return batches()
+
+
+class _NoStop:
+    """StepGate's interface: no signal, no timed checkpoint."""
+
+    def poll(self) -> tuple[bool, bool]:
+        return False, False
 
 
 def _sync(device: torch.device) -> None:
@@ -111,7 +125,6 @@ def bench_loop(c: BenchConfig, path: str) -> dict:
     opt = make_optimizer(tc, model)
     run = torch.compile(model) if c.compile else model
     d = Dist(device=device)
-    spe = EpochBatches(len(train), c.batch_size).steps()
     feeds = {}
     for w in c.workers:
         ds = H5Images(path, "train", aux=aux_names)
@@ -137,13 +150,15 @@ def bench_loop(c: BenchConfig, path: str) -> dict:
     for name, feed in feeds.items():
         streams[name] = epochs(lambda e, feed=feed: feed.epoch(sampler(e), e))
     if c.old:
-        host_flips = H5Images(path, "train", aux=aux_names, flips=c.flips, seed=c.seed)
+        host = HostFlips(path, "train", aux=aux_names, seed=c.seed) if c.flips else H5Images(
+            path, "train", aux=aux_names)
 
         def old_batches(epoch):   # as engine.forward did it: the whole-batch normaliser, fresh tensors
-            for b in make_loader(host_flips, batch_size=c.batch_size, shuffle=True, seed=c.seed, epoch=epoch):
-                aux = (engine.encode_aux(aux_scaler, b["aux"].to(device, non_blocking=True))
+            host.epoch = epoch
+            for b in make_loader(host, batch_size=c.batch_size, shuffle=True, seed=c.seed, epoch=epoch):
+                aux = (encode_aux(aux_scaler, b["aux"].to(device, non_blocking=True))
                        if aux_scaler is not None else None)
-                yield {"x": norm._batched(b["images"].to(device, non_blocking=True), None, None, None),
+                yield {"x": norm.batched(b["images"].to(device, non_blocking=True), None, None, None),
                        "aux_z": aux, "m": b["m"], "index": b["index"]}
         streams["old loop"] = epochs(old_batches)
     names = list(streams)
@@ -153,9 +168,14 @@ def bench_loop(c: BenchConfig, path: str) -> dict:
     def run_steps(name: str, n: int) -> float:
         _sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
-        train_one_epoch(run, itertools.islice(streams[name], n), opt, tc, epoch=1, step=0,
-                        steps_per_epoch=max(spe, n), normalizer=norm, target=target, aux_scaler=aux_scaler,
-                        d=d, bar=_Bar())
+        # The trainer's own epoch function, its "epoch" being the next n batches of the stream.
+        data = RunData(train_set=train, fit_set=range(n * c.batch_size), val_set=train, info=[], stats=stats,
+                       channels=train.channels, aux_names=aux_names, normalizer=norm, target=target,
+                       aux_scaler=aux_scaler)
+        state = RunState(config=tc, d=d, data=data, mcfg=None, raw_model=model, model=run, eval_model=run,
+                         optimizer=opt, steps_per_epoch=n, val_loader=None,
+                         feed=_StreamFeed(streams[name], n), epoch=0, step=0, best={}, history=[])
+        train_epoch(state, _NoStop())
         _sync(device)
         cpu[name].append(n * c.batch_size / max(time.process_time() - c0, 1e-9))
         return time.perf_counter() - t0

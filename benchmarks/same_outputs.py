@@ -31,7 +31,13 @@ from pathlib import Path
 
 import click
 
-TIMED = {"seconds", "samples_per_s"}              # wall clock: differs between any two runs
+TIMED = {"seconds", "samples_per_s", "export_seconds", "seconds_fit_and_predict", "seconds_eval_pixel_mass"}
+# Python's and numpy's global generators: the trainer never seeds or uses them (torch's is seeded and compared),
+# so their state in a checkpoint differs between any two processes.
+UNSEEDED = {"python", "numpy"}
+# When a file was made, and the hash of a checkpoint's bytes (which hold those unseeded generators' states).
+MOMENT = {"created", "sha256"}
+DIRS: dict[str, str] = {}                         # snapshot folder -> "<dir>", set by compare
 VOLATILE_ATTRS = {"created", "version", "pipeline_version", "config"}   # HDF5 root attributes of the moment
 COMMANDS = ("pipeline.synth", "pipeline.convert", "pipeline.inspect", "massreg.train", "massreg.evaluate",
             "massreg.predict", "massreg.export")
@@ -109,11 +115,20 @@ def sigterm_at(step: int, args):
 
 # ------------------------------------------------------------------------------------------ compare
 
+def plain_dirs(text: str) -> str:
+    for d, name in DIRS.items():
+        text = text.replace(d, name)
+    return text
+
+
 def same_tree(a, b, where: str, problems: list[str]) -> None:
-    """Exact equality of nested dicts / lists / tensors / numbers."""
+    """Exact equality of nested dicts / lists / tensors / numbers (the snapshot folders' names aside)."""
     import torch
 
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+    if isinstance(a, str) and isinstance(b, str):
+        if plain_dirs(a) != plain_dirs(b):
+            problems.append(f"{where}: {a!r} != {b!r}")
+    elif isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
                 and a.shape == b.shape and torch.equal(a, b)):
             problems.append(f"{where}: tensors differ")
@@ -121,7 +136,7 @@ def same_tree(a, b, where: str, problems: list[str]) -> None:
         if set(a) != set(b):
             problems.append(f"{where}: keys differ: {sorted(map(str, set(a) ^ set(b)))}")
         for k in set(a) & set(b):
-            if k in TIMED:
+            if k in TIMED or k in MOMENT or (k in UNSEEDED and (where.endswith("rng") or "rng.ranks[" in where)):
                 continue
             same_tree(a[k], b[k], f"{where}.{k}", problems)
     elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
@@ -135,7 +150,8 @@ def same_tree(a, b, where: str, problems: list[str]) -> None:
 
 def without_timing(text: str) -> str:
     """A log with its wall-clock numbers (and tqdm bars) taken out."""
-    text = re.sub(r"[\d.]+ (s|samples/s|ms|min)\b", "<t>", text)
+    text = re.sub(r"[\d.,]+ (s|samples/s|rows/s|ms|min)\b", "<t>", text)
+    text = re.sub(r"@created = \S+", "@created = <time>", text)
     text = re.sub(r"\b\d{8}-\d{6}\b", "<time>", text)
     return "\n".join(line for line in text.splitlines() if "\r" not in line and "it/s" not in line
                      and "s/it" not in line)
@@ -159,15 +175,15 @@ def compare_h5(a: Path, b: Path, problems: list[str]) -> None:
                 if not np.array_equal(np.asarray(oa.attrs.get(key)), np.asarray(ob.attrs.get(key))):
                     problems.append(f"{a.name}:/{name} attribute {key} differs")
         for key in set(fa.attrs) | set(fb.attrs):
-            if key not in VOLATILE_ATTRS and not np.array_equal(np.asarray(fa.attrs.get(key)),
-                                                                np.asarray(fb.attrs.get(key))):
+            va, vb = (plain_dirs(str(np.asarray(f.attrs.get(key)).tolist())) for f in (fa, fb))
+            if key not in VOLATILE_ATTRS and va != vb:
                 problems.append(f"{a.name} root attribute {key} differs")
 
 
 def compare_csv(a: Path, b: Path, problems: list[str]) -> None:
     import pandas as pd
 
-    x, y = pd.read_csv(a), pd.read_csv(b)
+    x, y = (pd.read_csv(p).replace(regex={d: name for d, name in DIRS.items()}) for p in (a, b))
     x, y = x.drop(columns=[c for c in x if c in TIMED]), y.drop(columns=[c for c in y if c in TIMED])
     if list(x.columns) != list(y.columns) or not x.equals(y):
         problems.append(f"{a}: contents differ")
@@ -180,6 +196,7 @@ def compare(old: Path, new: Path):
     """Compare snapshot NEW with OLD; print each check, exit 1 if anything differs."""
     import torch
 
+    DIRS.update({str(old): "<dir>", str(new): "<dir>"})
     problems: list[str] = []
     checks = 0
     for path in sorted(old.rglob("*")):
@@ -199,15 +216,10 @@ def compare(old: Path, new: Path):
             compare_h5(path, other, problems)
         elif path.suffix == ".csv":
             compare_csv(path, other, problems)
-        elif path.name in ("config.json", "metrics.json", "run.json") or path.name.endswith("model.json"):
-            a, b = json.loads(path.read_text()), json.loads(other.read_text())
-            for doc in (a, b):  # where and when a run ran: not what it computed
-                for key in ("run_dir", "data", "resume", "out", "checkpoint", "seconds", "created", "output"):
-                    doc.get("train", doc).pop(key, None) if isinstance(doc, dict) else None
-            same_tree(a, b, str(rel), problems)
+        elif path.suffix == ".json":
+            same_tree(json.loads(path.read_text()), json.loads(other.read_text()), str(rel), problems)
         elif path.suffix == ".log":
-            ta = without_timing(path.read_text()).replace(str(old), "<dir>")
-            tb = without_timing(other.read_text()).replace(str(new), "<dir>")
+            ta, tb = (plain_dirs(without_timing(p.read_text())) for p in (path, other))
             if ta != tb:
                 import difflib
 
