@@ -72,9 +72,9 @@ def read_file(path: str, split: str | None, aux: Sequence[str]) -> tuple:
     if not os.path.isfile(path):
         raise LayoutError(f"{path}: no such file")
     try:
-        f = h5py.File(path, "r")
+        f = layout.open_for_reading(path)
     except OSError as err:
-        raise LayoutError(f"{path}: not an HDF5 file ({err}); {FIX}") from None
+        raise LayoutError(layout.open_failure(path, err)) from None
     with f:
         check_format(path, f)
         meta = image_meta(path, f)
@@ -261,7 +261,7 @@ class H5Images(Dataset):
         """Any /labels/<name> (e.g. source_row) for every position of this split, read now with h5py."""
         parts = []
         for k, f in enumerate(self._files):
-            with h5py.File(f.path, "r") as h5:
+            with layout.open_for_reading(f.path) as h5:
                 if name not in h5["labels"]:
                     raise LayoutError(f"{f.path}: no /labels/{name}")
                 sel = self._rows[(self._rows >= self._starts[k]) & (self._rows < self._starts[k + 1])]

@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import click
-import h5py
 import numpy as np
 import pandas as pd
 
@@ -43,6 +42,7 @@ from massreg.plots import plot_predictions
 from massreg.sampling import make_loader
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text
+from pipeline import layout
 from pipeline.layout import SPLITS
 from pipeline.signals import exit_on_interrupt, polled, stop_on_signals
 
@@ -163,7 +163,7 @@ def read_pixel_mass(dataset, positions: np.ndarray, eta_jet: np.ndarray, *, batc
         sel = np.flatnonzero(file == k)  # positions sorted -> local rows of one file ascending
         if not sel.size:
             continue
-        with h5py.File(path, "r") as f:
+        with layout.open_for_reading(path) as f:
             images = f["images"]
             for lo in range(0, sel.size, batch_size):
                 part = sel[lo:lo + batch_size]

@@ -59,9 +59,9 @@ def describe(path) -> str:
     if not path.is_file():
         raise InspectError(f"{path}: no such file")
     try:
-        f = h5py.File(path, "r")
+        f = layout.open_for_reading(path)
     except OSError as exc:
-        raise InspectError(f"{path}: not an HDF5 file ({' '.join(str(exc).split())})") from None
+        raise InspectError(layout.open_failure(path, exc)) from None
     with f:
         lines = _tree(f)
         if "split" in f:

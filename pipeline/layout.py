@@ -24,7 +24,9 @@ Sums are stored next to means so that several shards combine exactly (`combine_s
 from __future__ import annotations
 
 import hashlib
+import os
 
+import h5py
 import numpy as np
 
 FORMAT_NAME = "massreg-e2e"
@@ -97,3 +99,26 @@ def combine_stats(parts: list[dict]) -> dict:
     for key in parts[0]:
         out.setdefault(key, parts[0][key])  # e.g. reference_scale: the same in every shard
     return out
+
+
+def open_for_reading(path: str | os.PathLike) -> h5py.File:
+    """A converted file opened read-only WITHOUT HDF5's file lock. Our readers only read files that the
+    converter renamed into place whole, so they need no lock, and taking one fails where another process holds
+    one (a writer, a copy tool) or where the file system has no flock (some Lustre and NFS mounts).
+
+    OSError as h5py raises it; `open_failure` words it."""
+    return h5py.File(path, "r", locking=False)
+
+
+def open_failure(path: str | os.PathLike, exc: OSError) -> str:
+    """What an OSError from open_for_reading means, in one line: not HDF5 at all (reconvert), or a file that is
+    HDF5 but cannot be opened (permissions, a truncated or damaged file: the cause as h5py gives it)."""
+    cause = " ".join(str(exc).split())
+    try:
+        is_hdf5 = h5py.is_hdf5(os.fspath(path))
+    except OSError:
+        is_hdf5 = False
+    if not is_hdf5:
+        return f"{path}: not an HDF5 file ({cause}); re-run pipeline.convert to write one"
+    return (f"{path}: an HDF5 file that cannot be read ({cause}); if it was cut short or damaged (a copy that "
+            "did not finish), copy it again or re-run pipeline.convert")

@@ -17,58 +17,11 @@ from massreg.dataset import H5Images, LayoutError
 from massreg.sampling import flip_masks, make_loader
 from massreg.transforms import AuxScaler, Normalizer, TargetScaler
 from pipeline import layout
+from conftest import make_image_rows, write_image_file
 
 S = layout.IMAGE_SIZE
 CHANNELS = ("track_pt", "dz", "d0")
 LABELS = ("m", "pt", "ieta", "iphi")
-
-
-def make_rows(rng, n, c=len(CHANNELS)):
-    """Sparse float16 images with signed values (so flips and clipping are visible) and labels."""
-    x = rng.standard_normal((n, c, S, S)).astype(np.float32) * 3
-    x[rng.random(x.shape) < 0.9] = 0
-    labels = {"m": rng.uniform(85, 500, n), "pt": rng.uniform(400, 1000, n),
-              "ieta": rng.integers(12, 44, n).astype(np.float64),
-              "iphi": rng.integers(0, 72, n).astype(np.float64),
-              "source_row": np.arange(n, dtype=np.int64)}
-    codes = rng.choice(3, size=n, p=[0.6, 0.2, 0.2])
-    splits = {s: np.flatnonzero(codes == i).astype(np.int64) for i, s in enumerate(layout.SPLITS)}
-    return x.astype(np.float16), labels, splits
-
-
-def write_file(path, images, labels, splits, channels=CHANNELS, *, chunks=None, compression=None,
-               fmt=layout.FORMAT_NAME, version=layout.FORMAT_VERSION, skip=()):
-    """A file in the layout (what pipeline.convert writes), with `skip` paths left out to make it broken."""
-    with h5py.File(path, "w") as f:
-        f.attrs["format"], f.attrs["format_version"] = fmt, version
-        if "images" not in skip:
-            d = f.create_dataset("images", data=images, chunks=chunks, compression=compression)
-            d.attrs["channels"] = list(channels)
-        for k, v in labels.items():
-            if f"labels/{k}" not in skip:
-                f[f"labels/{k}"] = v
-        for s, r in splits.items():
-            if f"split/{s}" not in skip:
-                f[f"split/{s}"] = r
-        if "stats" in skip:
-            return path
-        train = images[splits["train"]].astype(np.float64)
-        st = f.create_group("stats")
-        st["n_train"] = np.int64(len(splits["train"]))
-        count = np.full(images.shape[1], train.shape[0] * S * S, dtype=np.float64)
-        total, sumsq = train.sum(axis=(0, 2, 3)), (train ** 2).sum(axis=(0, 2, 3))
-        mean, std = layout.finish_stats(count, total, sumsq)
-        cmax = train.max(axis=(0, 2, 3))
-        for k, v in dict(count=count, sum=total, sumsq=sumsq, mean=mean, std=std, max=cmax).items():
-            st[f"channel_{k}"] = v
-        st["reference_scale"] = np.array([layout.REFERENCE_SCALES[c] for c in channels])
-        for name in LABELS:
-            v = labels[name][splits["train"]]
-            mean, std = layout.finish_stats(len(v), v.sum(), (v ** 2).sum())
-            for k, val in dict(count=float(len(v)), sum=v.sum(), sumsq=(v ** 2).sum(), mean=mean, std=std,
-                               min=v.min(), max=v.max()).items():
-                st[f"{name}_{k}"] = val
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +29,8 @@ def two_files(tmp_path_factory):
     """Two files of 23 and 17 rows; returns (paths, [(images, labels, splits), ...])."""
     rng = np.random.default_rng(7)
     d = tmp_path_factory.mktemp("data")
-    parts = [make_rows(rng, 23), make_rows(rng, 17)]
-    paths = [str(write_file(d / f"shard{i}.h5", *p)) for i, p in enumerate(parts)]
+    parts = [make_image_rows(rng, 23), make_image_rows(rng, 17)]
+    paths = [str(write_image_file(d / f"shard{i}.h5", *p)) for i, p in enumerate(parts)]
     return paths, parts
 
 
@@ -193,7 +146,7 @@ def test_combined_stats_equal_numpy_over_concatenated_train_rows(two_files):
 
 
 def _small(rng=np.random.default_rng(3)):
-    return make_rows(rng, 6)
+    return make_image_rows(rng, 6)
 
 
 @pytest.mark.parametrize("how, expect", [
@@ -207,7 +160,7 @@ def _small(rng=np.random.default_rng(3)):
     (dict(version=99), "format_version is 99"),
 ])
 def test_refuses_files_not_in_our_layout(tmp_path, how, expect):
-    path = write_file(tmp_path / "bad.h5", *_small(), **how)
+    path = write_image_file(tmp_path / "bad.h5", *_small(), **how)
     with pytest.raises(LayoutError) as err:
         H5Images(path, "train")
     msg = str(err.value)
@@ -215,7 +168,7 @@ def test_refuses_files_not_in_our_layout(tmp_path, how, expect):
 
 
 def test_refuses_mismatched_channels_missing_aux_and_non_hdf5(tmp_path, two_files):
-    other = write_file(tmp_path / "other.h5", *_small(), channels=("track_pt", "d0", "dz"))
+    other = write_image_file(tmp_path / "other.h5", *_small(), channels=("track_pt", "d0", "dz"))
     with pytest.raises(LayoutError, match="same --channels") as err:
         H5Images([two_files[0][0], other])
     assert str(other) in str(err.value) and two_files[0][0] in str(err.value)

@@ -18,7 +18,7 @@ import torch
 from massreg import checkpoint as ck
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import write_layout_file  # noqa: E402
+from conftest import write_layout_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

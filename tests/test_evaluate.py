@@ -52,114 +52,12 @@ import torch  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from pipeline import layout  # noqa: E402
+from conftest import make_checkpoint, make_file, oracle_predictions  # noqa: E402
 
 S = layout.IMAGE_SIZE
 CHANNELS = ("track_pt", "dz", "d0", "ecal")
 LABELS = ("m", "pt", "ieta", "iphi")
 TINY = dict(patch_size=25, dim=16, depth=2, heads=2, dim_head=8, mlp_dim=32, dropout=0.0, emb_dropout=0.0)
-
-
-def make_file(path, n, *, seed=0, channels=CHANNELS, fmt=layout.FORMAT_NAME, source_file="raw.parquet",
-              positive=False):
-    """A small file in the layout of pipeline/layout.py, written with h5py (what pipeline.convert writes).
-    positive: pixel values >= 0 (energies), else signed."""
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((n, len(channels), S, S)) * 2).astype(np.float32)
-    if positive:
-        x = np.abs(x)
-    x[rng.random(x.shape) < 0.95] = 0
-    images = x.astype(np.float16)
-    labels = {"m": rng.uniform(85, 500, n), "pt": rng.uniform(400, 1000, n),
-              "ieta": rng.integers(12, 44, n).astype(np.float64),
-              "iphi": rng.integers(0, 72, n).astype(np.float64)}
-    codes = layout.split_codes(source_file, np.arange(n), seed=42, val_fraction=0.2, test_fraction=0.3)
-    splits = {s: np.flatnonzero(codes == i).astype(np.int64) for i, s in enumerate(layout.SPLITS)}
-    with h5py.File(path, "w") as f:
-        f.attrs["format"], f.attrs["format_version"] = fmt, layout.FORMAT_VERSION
-        f.create_dataset("images", data=images).attrs["channels"] = list(channels)
-        for k, v in labels.items():
-            f[f"labels/{k}"] = v
-        f["labels/source_file"] = np.zeros(n, dtype=np.int32)
-        f["labels/source_row"] = np.arange(n, dtype=np.int64)
-        for s, r in splits.items():
-            f[f"split/{s}"] = r
-        train = images[splits["train"]].astype(np.float64)
-        st = f.create_group("stats")
-        st["n_train"] = np.int64(train.shape[0])
-        count = np.full(len(channels), train.shape[0] * S * S, dtype=np.float64)
-        total, sumsq = train.sum(axis=(0, 2, 3)), (train ** 2).sum(axis=(0, 2, 3))
-        mean, std = layout.finish_stats(count, total, sumsq)
-        for k, v in dict(count=count, sum=total, sumsq=sumsq, mean=mean, std=std,
-                         max=train.max(axis=(0, 2, 3))).items():
-            st[f"channel_{k}"] = v
-        st["reference_scale"] = np.array([layout.REFERENCE_SCALES[c] for c in channels])
-        for name in LABELS:
-            v = labels[name][splits["train"]]
-            mean, std = layout.finish_stats(float(v.size), v.sum(), (v ** 2).sum())
-            for k, val in dict(count=float(v.size), sum=v.sum(), sumsq=(v ** 2).sum(), mean=mean, std=std,
-                               min=v.min(), max=v.max()).items():
-                st[f"{name}_{k}"] = val
-    return path
-
-
-def make_checkpoint(path, data_paths, *, channels=CHANNELS, aux=(), seed=0):
-    """A checkpoint of a tiny randomly initialised model in the contract's payload (as massreg.train
-    saves)."""
-    from dataclasses import asdict
-
-    from massreg import checkpoint as ck
-    from massreg.registry import ModelConfig, build_model
-    from massreg.dataset import H5Images
-    from massreg.transforms import Normalizer
-
-    torch.manual_seed(seed)
-    mcfg = ModelConfig(channels=len(channels), num_aux=len(aux), **TINY)
-    model = build_model(mcfg)
-    with torch.no_grad():  # a spread of predictions (z ~ N(0, 1.2)), so that a wrong input shows in them
-        model.head.weight.normal_(0.0, 0.3)
-    ds = H5Images(data_paths, "train")
-    stats = ds.stats
-    payload = {
-        "model": model.state_dict(), "model_config": asdict(mcfg), "train_config": {"model": "test"},
-        "optimizer": None, "scheduler": None, "epoch": 1, "step": 10, "best": {"val_loss": 1.0},
-        "normalizer": Normalizer.from_stats(stats, "stats", list(channels)).to_dict(),
-        "target": {"mean": float(stats["m_mean"]), "std": float(stats["m_std"])},
-        "aux": {"names": list(aux), "mean": [float(stats[f"{a}_mean"]) for a in aux],
-                "std": [float(stats[f"{a}_std"]) for a in aux]},
-        "data": {"paths": [str(p) for p in data_paths], "sizes": [x["size"] for x in ds.file_info()],
-                 "channels": list(channels), "stats": stats},
-        "rng": {}, "metrics_history": []}
-    ck.save_checkpoint(path, ck.to_plain(payload))
-    return path
-
-
-def oracle_predictions(ckpt_path, data_paths, split, aux=()):
-    """Predictions computed without massreg.data / engine: h5py reads, numpy normalisation, a bare forward."""
-    from massreg.registry import ModelConfig, build_model
-
-    ckpt = torch.load(ckpt_path, weights_only=True)
-    model = build_model(ModelConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    images, m, auxv = [], [], []
-    for p in data_paths:
-        with h5py.File(p, "r") as f:
-            rows = f[f"split/{split}"][()]
-            images.append(f["images"][()][rows].astype(np.float32))
-            m.append(f["labels/m"][()][rows])
-            auxv.append(np.stack([f[f"labels/{a}"][()][rows] for a in aux], 1) if aux else None)
-    x = np.concatenate(images)
-    stats_mean = np.asarray(ckpt["normalizer"]["mean"]).reshape(1, -1, 1, 1)
-    stats_std = np.asarray(ckpt["normalizer"]["std"]).reshape(1, -1, 1, 1)
-    x = torch.from_numpy(((x - stats_mean) / stats_std).astype(np.float32))
-    a = None
-    if aux:
-        raw = np.concatenate(auxv)
-        a = torch.from_numpy(((raw - np.asarray(ckpt["aux"]["mean"])) / np.asarray(ckpt["aux"]["std"]))
-                             .astype(np.float32))
-    with torch.no_grad():
-        z = (model(x, a) if aux else model(x)).double().numpy()
-    return z * ckpt["target"]["std"] + ckpt["target"]["mean"], np.concatenate(m)
 
 
 @pytest.fixture(scope="module")

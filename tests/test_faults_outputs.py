@@ -10,7 +10,7 @@ import signal
 import pytest
 from click.testing import CliRunner
 
-from test_evaluate import make_checkpoint, make_file
+from conftest import make_checkpoint, make_file
 
 AUX = ("pt", "ieta")
 

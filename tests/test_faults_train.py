@@ -18,7 +18,7 @@ import torch
 
 from massreg import checkpoint as ck
 from massreg import engine
-from test_train import register_model, run_cli, write_layout_file
+from conftest import register_model, run_cli, write_layout_file
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_FORWARD, REAL_SAVE = engine.forward, torch.save

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from massreg.predict import PredictConfig, main, predict
 from pipeline.convert import ConvertConfig, convert
 from pipeline.synth import SynthConfig, generate
-from test_evaluate import make_checkpoint, make_file, oracle_predictions
+from conftest import make_checkpoint, make_file, oracle_predictions
 
 AUX = ("pt", "ieta")
 

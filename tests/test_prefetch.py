@@ -16,7 +16,7 @@ from massreg.transforms import AuxScaler, Normalizer
 from massreg.prefetch import DevicePrefetcher, ThreadReader, WorkerReader, with_hints
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_data import make_rows, write_file  # noqa: E402
+from conftest import make_image_rows, write_image_file  # noqa: E402
 
 AUX = ("pt", "ieta")
 
@@ -26,7 +26,7 @@ def shards(tmp_path_factory):
     """Two files of 37 and 29 rows, channels track_pt, dz, d0 (signed values: flips and clipping show)."""
     rng = np.random.default_rng(11)
     d = tmp_path_factory.mktemp("prefetch")
-    return [str(write_file(d / f"s{i}.h5", *make_rows(rng, n))) for i, n in enumerate((37, 29))]
+    return [str(write_image_file(d / f"s{i}.h5", *make_image_rows(rng, n))) for i, n in enumerate((37, 29))]
 
 
 def numpy_oracle(images16: np.ndarray, eta, phi, norm: Normalizer) -> np.ndarray:

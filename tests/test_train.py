@@ -10,6 +10,7 @@ import torch
 
 from massreg import checkpoint as ck
 from massreg import engine
+from conftest import RESUME_MODELS, register_model, run_cli, write_layout_file
 
 
 # ---------------------------------------------------------------- checkpoint
@@ -164,59 +165,6 @@ def test_engine_predict_empty_loader():
 
 # ---------------------------------------------------------------- a small file in the HDF5 layout
 
-def write_layout_file(path, n=48, channels=("track_pt", "dz", "d0", "ecal"), seed=0, *, version=None,
-                      drop=None, image_fn=None):
-    """A file in pipeline.layout's format with sparse images whose ECAL sum grows with the mass.
-
-    version: format_version to write (default: layout's); drop: a dataset path to leave out (bad-input tests).
-    """
-    import h5py
-    from pipeline import layout
-
-    g = np.random.default_rng(seed)
-    size = layout.IMAGE_SIZE
-    m = g.uniform(85, 500, n)
-    labels = {"m": m, "pt": g.uniform(400, 1000, n), "ieta": g.integers(12, 44, n).astype(np.float64),
-              "iphi": g.integers(0, 72, n).astype(np.float64)}
-    images = np.zeros((n, len(channels), size, size), dtype=np.float16)
-    hits = g.random((n, len(channels), size, size)) < 0.01
-    images[hits] = g.exponential(1.0, hits.sum()).astype(np.float16)
-    images[:, -1, 60:65, 60:65] += (m / 100.0)[:, None, None].astype(np.float16)  # the signal
-    if image_fn is not None:
-        images = image_fn(images)
-    codes = layout.split_codes(path.name, np.arange(n), seed=42, val_fraction=0.25, test_fraction=0.25)
-    train = np.flatnonzero(codes == 0)
-    with h5py.File(path, "w") as f:
-        f.attrs["format"] = layout.FORMAT_NAME
-        f.attrs["format_version"] = layout.FORMAT_VERSION if version is None else version
-        f.attrs["channels"] = json.dumps(list(channels))
-        dset = f.create_dataset("images", data=images)
-        dset.attrs["channels"] = json.dumps(list(channels))
-        for name, values in labels.items():
-            f[f"labels/{name}"] = values
-        for code, split in enumerate(layout.SPLITS):
-            f[f"split/{split}"] = np.flatnonzero(codes == code).astype(np.int64)
-        x = images[train].astype(np.float64)
-        count = np.full(len(channels), float(train.size * size * size))
-        total, sumsq = x.sum(axis=(0, 2, 3)), (x ** 2).sum(axis=(0, 2, 3))
-        mean, std = layout.finish_stats(count, total, sumsq)
-        stats = {"n_train": np.int64(train.size), "channel_count": count, "channel_sum": total,
-                 "channel_sumsq": sumsq, "channel_mean": mean, "channel_std": std,
-                 "channel_max": x.max(axis=(0, 2, 3)),
-                 "reference_scale": np.array([layout.REFERENCE_SCALES[c] for c in channels])}
-        for name, values in labels.items():
-            v = values[train]
-            mean, std = layout.finish_stats(v.size, v.sum(), (v ** 2).sum())
-            stats.update({f"{name}_count": float(v.size), f"{name}_sum": v.sum(),
-                          f"{name}_sumsq": (v ** 2).sum(), f"{name}_mean": float(mean),
-                          f"{name}_std": float(std), f"{name}_min": v.min(), f"{name}_max": v.max()})
-        for key, value in stats.items():
-            f[f"stats/{key}"] = value
-        if drop:
-            del f[drop]
-    return path
-
-
 # ---------------------------------------------------------------- trainer helpers
 
 def test_lr_schedules_match_torch():
@@ -304,13 +252,6 @@ def test_force_removes_only_run_files(tmp_path):
 # ---------------------------------------------------------------- the trainer, end to end
 
 TINY = ["--model", "tiny", "--batch-size", "8", "--device", "cpu"]
-
-
-def run_cli(args):
-    from click.testing import CliRunner
-
-    from massreg.train import main
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -452,19 +393,6 @@ def test_file_not_in_layout_is_a_one_line_error(tmp_path, kind, message):
 
 
 # Small models of each family with dropout on, registered as presets for the resume tests.
-RESUME_MODELS = {
-    "tiny-dropout": dict(preset="tiny", dropout=0.2, emb_dropout=0.1),
-    "hybrid-test": dict(preset="hybrid", widths=(4, 8), dim=16, depth=2, heads=2, dim_head=8, mlp_dim=16,
-                        dropout=0.2, emb_dropout=0.1),
-    "resnet-test": dict(preset="resnet", widths=(4, 8, 8, 8), head_dims=(8,), dropout=0.2),  # + BatchNorm
-}
-
-
-def register_model(monkeypatch, name: str) -> None:
-    from massreg import registry as mconfig
-
-    options = dict(RESUME_MODELS[name])
-    monkeypatch.setitem(mconfig.PRESETS, name, mconfig.model_config(options.pop("preset"), **options))
 
 
 @pytest.mark.parametrize("model", list(RESUME_MODELS))
