@@ -12,7 +12,7 @@ DEMO_EPOCHS ?= 8
 # than the linear-patch DeepViT at the same epochs (docs/training.md, the accuracy study).
 DEMO_MODEL ?= hybrid49
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench slurm-check clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_model.py --threads 1
 	$(PY) benchmarks/bench_train.py --workers 0,2
 	$(PY) benchmarks/bench_export.py
+
+# The shipped Slurm scripts (slurm/) on a private one-node Slurm cluster; root on Debian (installs slurm-wlm and
+# munge if missing). Leaves /etc/slurm and /etc/munge as they were and stops every daemon it started.
+slurm-check: $(STAMP)
+	bash slurm/check.sh
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info
