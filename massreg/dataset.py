@@ -214,7 +214,7 @@ class H5Images(Dataset):
         self._stats = stats[0] if len(stats) == 1 else layout.combine_stats(stats)
         self.maps: list[np.ndarray] | None = None  # opened lazily, once per process (see _images)
         self._pid: int | None = None
-        self.buffer_pool: list[np.ndarray] = []  # this process's batch arrays, reused once released (_batch_images)
+        self.buffer_pool: list[np.ndarray] = []  # batch arrays of this process, reused when free
 
     # -- metadata --------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -279,8 +279,8 @@ class H5Images(Dataset):
         if self.maps is None or self._pid != os.getpid():  # a forked worker opens its own
             # .view(np.ndarray): a plain array over the mapping (fancy reads give plain arrays, not memmaps)
             self.maps = [np.memmap(f.path, mode="r", dtype=f.dtype, offset=f.offset, shape=f.shape)
-                          .view(np.ndarray) if f.shape[0] else np.zeros(f.shape, np.float16)
-                          for f in self._files]
+                         .view(np.ndarray) if f.shape[0] else np.zeros(f.shape, np.float16)
+                         for f in self._files]
             self._pid, self.buffer_pool = os.getpid(), []
         return self.maps
 

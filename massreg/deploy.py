@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from massreg.engine import FLIP_DIMS
 from pipeline.errors import UserError
 
 FORMAT = "massreg-onnx"
@@ -23,6 +24,7 @@ VERSION = 1
 OPSET = 17
 FLOAT16_MAX = 65504.0
 IMAGES, AUX, MASS = "images", "aux", "mass"
+MASS_Q16, MASS_Q84 = "mass_q16", "mass_q84"        # a model with quantiles: its 16 % and 84 % quantiles
 AUX_UNITS = {"pt": "GeV", "ieta": "HCAL tower index (0.087 in eta)", "iphi": "HCAL tower index (0.087 rad)",
              "eta": "", "phi": "rad", "m": "GeV"}
 # Agreement asked of ONNX Runtime against PyTorch, in GeV: the larger of RTOL * |m| and ATOL.
@@ -34,15 +36,19 @@ class ExportError(UserError):
 
 
 class Deployed(nn.Module):
-    """raw images (B, C, 125, 125) float32 [, raw aux (B, A) float32] -> mass (B,) float32 GeV.
+    """raw images (B, C, 125, 125) float32 [, raw aux (B, A) float32] -> mass (B,) float32 GeV; for a model
+    with quantiles (mass, mass_q16, mass_q84), each (B,) GeV.
 
     The checkpoint's model wrapped in the transforms that massreg.engine applies around it in Python, so that
-    a consumer feeds detector values and reads GeV.
+    a consumer feeds detector values and reads GeV. tta: the mean over the four eta/phi flips of each image,
+    inside the graph (engine.forward's tta).
     """
 
-    def __init__(self, model: nn.Module, normalizer: nn.Module, aux_scaler, target):
+    def __init__(self, model: nn.Module, normalizer: nn.Module, aux_scaler, target, *, tta: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.tta = model, tta
+        self.quantiles = getattr(model, "quantile_head", None) is not None
+        self.output_names = [MASS, MASS_Q16, MASS_Q84] if self.quantiles else [MASS]
         # The normaliser's affine map as plain buffers, applied below as whole-tensor ops: massreg.transforms'
         # Normalizer is tuned for the training loop (flips, per-image CPU kernels), not for a traced graph.
         self.register_buffer("mean", normalizer.mean.detach().clone().float())        # (1, C, 1, 1)
@@ -57,18 +63,20 @@ class Deployed(nn.Module):
         self.register_buffer("m_mean", torch.tensor(float(target.mean), dtype=torch.float32))
         self.register_buffer("m_std", torch.tensor(float(target.std), dtype=torch.float32))
 
-    def forward(self, images: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, aux: torch.Tensor | None = None):
         # The model was trained on float16 files: the same rounding here makes a raw float32 input give
         # exactly the prediction of its converted row (and saturates as the converter's --clip does).
         x = images.clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16).to(torch.float32)
         x = (x - self.mean) / self.std                                       # (B, C, 125, 125)
         if self.clipped:
             x = torch.minimum(torch.maximum(x, -self.clip), self.clip)
-        if self.takes_aux:
-            z = self.model(x, (aux - self.aux_mean) / self.aux_std)          # (B,) standardised mass
+        aux_z = ((aux - self.aux_mean) / self.aux_std,) if self.takes_aux else ()
+        if self.tta:
+            z = sum(self.model(x.flip(dims) if dims else x, *aux_z) for dims in FLIP_DIMS) / len(FLIP_DIMS)
         else:
-            z = self.model(x)
-        return z * self.m_std + self.m_mean                                  # (B,) GeV
+            z = self.model(x, *aux_z)                                        # (B,) or (B, 3) standardised
+        gev = z * self.m_std + self.m_mean                                   # GeV
+        return (gev[:, 1], gev[:, 0], gev[:, 2]) if self.quantiles else gev  # mass[, q16, q84], (B,) each
 
 
 def max_excess(onnx_gev: np.ndarray, torch_gev: np.ndarray) -> tuple[float, float]:
@@ -109,24 +117,37 @@ class OnnxRegressor:
         inputs = {i["name"]: i for i in self.meta["inputs"]}
         self.channels = [c["name"] for c in inputs[IMAGES]["channels"]]
         self.aux_names = [c["name"] for c in inputs[AUX]["columns"]] if AUX in inputs else []
+        self.outputs = [o["name"] for o in self.meta["outputs"]]           # [mass] or [mass, q16, q84]
 
-    def __call__(self, images: np.ndarray, aux: np.ndarray | None = None) -> np.ndarray:
-        """images (B, C, 125, 125), aux (B, A) or None, raw values -> (B,) float32 GeV."""
-        feeds = {IMAGES: np.ascontiguousarray(images, dtype=np.float32)}
-        if self.aux_names:
-            feeds[AUX] = np.ascontiguousarray(aux, dtype=np.float32)
-        return self.session.run([MASS], feeds)[0]
+    def __call__(self, images: np.ndarray, aux: np.ndarray | None = None, *,
+                 tta: bool = False) -> np.ndarray:
+        """images (B, C, 125, 125), aux (B, A) or None, raw values -> (B,) float32 GeV, or (B, 3)
+        [q16, mass, q84] for a graph with quantiles. tta: the mean over the four flips of each image, run
+        here (a graph exported with --tta has them inside already)."""
+        views = [np.flip(images, axis=dims) if dims else images for dims in FLIP_DIMS] if tta else [images]
+        outs = []
+        for v in views:
+            feeds = {IMAGES: np.ascontiguousarray(v, dtype=np.float32)}
+            if self.aux_names:
+                feeds[AUX] = np.ascontiguousarray(aux, dtype=np.float32)
+            got = self.session.run(self.outputs, feeds)                   # [(B,)] or [(B,)] * 3
+            outs.append(got[0] if len(got) == 1 else np.stack([got[1], got[0], got[2]], axis=1))
+        return outs[0] if len(outs) == 1 else np.mean(outs, axis=0, dtype=np.float64).astype(np.float32)
 
-    def predict(self, batches) -> dict:
-        """dict(pred (N,) GeV, true (N,) GeV, index (N,)) over loader batches (float16 images, raw aux)."""
-        preds, trues, indices = [], [], []
+    def predict(self, batches, *, tta: bool = False) -> dict:
+        """As massreg.engine.predict over loader batches (float16 images, raw aux): pred, true, index (N,)
+        and, for a graph with quantiles, q16 and q84 (N,), GeV."""
+        outs, trues, indices = [], [], []
         for batch in batches:
             aux = batch["aux"].numpy() if self.aux_names else None
-            preds.append(self(batch["images"].numpy().astype(np.float32), aux).astype(np.float64))
+            outs.append(self(batch["images"].numpy().astype(np.float32), aux, tta=tta).astype(np.float64))
             trues.append(np.asarray(batch["m"], dtype=np.float64))
             indices.append(np.asarray(batch["index"], dtype=np.int64))
-        if not preds:
+        if not outs:
             empty = np.zeros(0, dtype=np.float64)
             return {"pred": empty, "true": empty.copy(), "index": np.zeros(0, dtype=np.int64)}
-        return {"pred": np.concatenate(preds), "true": np.concatenate(trues),
-                "index": np.concatenate(indices)}
+        gev = np.concatenate(outs)
+        extra = {"true": np.concatenate(trues), "index": np.concatenate(indices)}
+        if gev.ndim == 1:
+            return {"pred": gev, **extra}
+        return {"pred": gev[:, 1], "q16": gev[:, 0], "q84": gev[:, 2], **extra}

@@ -73,6 +73,6 @@ def gather_predictions(out: dict, d: Dist) -> dict:
     if d.world > 1:
         parts = [None] * d.world
         dist.all_gather_object(parts, out)
-        out = {k: np.concatenate([p[k] for p in parts]) for k in ("pred", "true", "index")}
+        out = {k: np.concatenate([p[k] for p in parts]) for k in out}
     _, first = np.unique(out["index"], return_index=True)  # sorted unique positions, first occurrence
     return {k: v[first] for k, v in out.items()}

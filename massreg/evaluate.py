@@ -38,7 +38,8 @@ from massreg.cli import amp_option, batch_size_option, command, device_option, f
 from massreg.dataset import H5Images, LayoutError
 from massreg.distributed import DEVICES, resolve_device
 from massreg.metrics import binned_metrics, constant_baseline, mass_edges, regression_metrics
-from massreg.plots import plot_predictions
+from massreg.plots import plot_predictions, plot_resolution
+from massreg.resolution import format_resolution, resolution_report
 from massreg.sampling import make_loader
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text
@@ -71,6 +72,7 @@ class EvaluateConfig:
     knn: int = 30                  # neighbours of the kNN physics baseline (massreg.baselines); 0: none
     knn_train_rows: int = 20_000   # fit it on a seeded random subsample of at most this many train rows
     knn_seed: int = 0              # seed of that subsample
+    tta: bool = False              # average the model over the four eta/phi flips of each image
 
     def validate(self) -> None:
         if not self.data:
@@ -94,10 +96,10 @@ class EvaluateConfig:
 
 
 def bin_table(pred: np.ndarray, true: np.ndarray, train_mean: float, edges: np.ndarray,
-              knn_pred: np.ndarray | None = None) -> pd.DataFrame:
-    """Per true-mass bin: the model's metrics and, beside them, the constant predictor's (suffix _const) and,
-    when given, the kNN baseline's (suffix _knn)."""
-    model = binned_metrics(pred, true, edges)
+              knn_pred: np.ndarray | None = None, *, q16=None, q84=None) -> pd.DataFrame:
+    """Per true-mass bin: the model's metrics (with q16 / q84: also its coverage and pull width) and, beside
+    them, the constant predictor's (suffix _const) and, when given, the kNN baseline's (suffix _knn)."""
+    model = binned_metrics(pred, true, edges, q16=q16, q84=q84)
     others = {"const": np.full(true.shape, train_mean)}
     if knn_pred is not None:
         others["knn"] = knn_pred
@@ -231,8 +233,8 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False, stop=None) -> di
     check_channels(restored.channels, dataset.channels, files)
     if len(dataset) == 0:
         raise EvaluateError(f"split {config.split!r} of {files} has no rows; pick another --split")
-    pred, true, knn_pred, knn_block = predict_split(config, dataset, restored, device, progress=progress,
-                                                    stop=stop)
+    out, knn_pred, knn_block = predict_split(config, dataset, restored, device, progress=progress, stop=stop)
+    pred, true = out["pred"], out["true"]                       # (N,) GeV each, in split order
     stats = dataset.stats
     train_mean = float(stats["m_mean"])  # the constant predictor: the train split's mean mass (GeV)
     # Bins over the train mass range, widened to hold every evaluated row.
@@ -257,17 +259,27 @@ def evaluate(config: EvaluateConfig, *, progress: bool = False, stop=None) -> di
         "knn": knn_block,
         "mae_ratio_knn": (model_metrics["mae"] / knn_block["mae"]
                           if knn_pred is not None and knn_block["mae"] > 0 else None),
+        "resolution": resolution_report(out, _label(dataset, "pt", out["index"]), edges),
     }
     if stop is not None:
         stop.check()
-    bins = bin_table(pred, true, train_mean, edges, knn_pred)
+    bins = bin_table(pred, true, train_mean, edges, knn_pred, q16=out.get("q16"), q84=out.get("q84"))
     return write_evaluation(report, out_dir, pred, true, edges, bins)
 
 
+def _label(dataset: H5Images, name: str, positions: np.ndarray) -> np.ndarray | None:
+    """/labels/<name> at split positions, float64; None when the files have no such label."""
+    try:
+        return np.asarray(dataset.label(name), dtype=np.float64)[positions]
+    except LayoutError:
+        return None
+
+
 def predict_split(config: EvaluateConfig, dataset: H5Images, restored, device, *, progress: bool,
-                  stop) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
-    """(pred (N,) GeV, true (N,) GeV, the kNN baseline's pred (N,) or None, its metrics block) over the split,
-    in split order; the kNN needs every row's pixel mass, taken from the same pass over the images."""
+                  stop) -> tuple[dict, np.ndarray | None, dict]:
+    """(engine.predict's dict over the split: pred, true, index[, q16, q84], in split order; the kNN
+    baseline's pred (N,) or None; its metrics block). The kNN needs every row's pixel mass, taken from the
+    same pass over the images."""
     loader = make_loader(dataset, batch_size=config.batch_size, shuffle=False, seed=0, workers=config.workers)
     skip = knn_skip_reason(config, dataset.channels)
     if skip is None:
@@ -276,18 +288,18 @@ def predict_split(config: EvaluateConfig, dataset: H5Images, restored, device, *
         loader = tap = PixelMassTap(loader, dataset.channels, eval_eta, eval_mass)
     out = engine.predict(restored.model, polled(loader, stop), normalizer=restored.normalizer,
                          target=restored.target, aux_scaler=restored.aux_scaler, device=device,
-                         amp=config.amp, progress=progress)
+                         amp=config.amp, progress=progress, tta=config.tta)
     pred, true = out["pred"], out["true"]  # (N,) GeV each
     if not np.all(np.isfinite(pred)):
         raise EvaluateError(f"{int((~np.isfinite(pred)).sum())} of {pred.size} predictions of "
                             f"{config.checkpoint} are NaN or infinite: the checkpoint is broken")
     if skip is not None:
-        return pred, true, None, {"skipped": skip, "k": config.knn}
+        return out, None, {"skipped": skip, "k": config.knn}
     order = out["index"]  # (N,) split position of each prediction
     knn_pred, knn_block = knn_baseline(config, eval_mass[order], None if eval_pt is None else eval_pt[order],
                                        true, eta_source)
     knn_block["seconds_eval_pixel_mass"] = tap.seconds
-    return pred, true, knn_pred, knn_block
+    return out, knn_pred, knn_block
 
 
 def write_evaluation(report: dict, out_dir: Path, pred: np.ndarray, true: np.ndarray, edges: np.ndarray,
@@ -299,8 +311,11 @@ def write_evaluation(report: dict, out_dir: Path, pred: np.ndarray, true: np.nda
         out_dir.mkdir(parents=True, exist_ok=True)
         # --force: the old metrics.json goes first; it must never sit beside new plots as if it were theirs
         (out_dir / "metrics.json").unlink(missing_ok=True)
-        plots = plot_predictions(pred, true, out_dir, split, edges=edges,
-                                 label=f"{split}, {Path(checkpoint).name}")
+        label = f"{split}, {Path(checkpoint).name}"
+        plots = plot_predictions(pred, true, out_dir, split, edges=edges, label=label)
+        if report["resolution"]["quantiles"]:
+            plots += plot_resolution(report["resolution"], bins.to_dict(orient="records"), out_dir, split,
+                                     label=label)
         atomic_write_text(out_dir / "bins.csv", bins.to_csv(index=False, float_format="%.6g"))
         report = to_plain({**report, "bins": bins.to_dict(orient="records"), "plots": [p.name for p in plots],
                            "out_dir": str(out_dir)}, json=True)
@@ -360,6 +375,7 @@ def format_report(report: dict) -> str:
         lines.append(f"{b['lo']:8.1f} {b['hi']:8.1f} {b['n']:7d} {f(b['mae'], '8.2f')} "
                      f"{f(b['mae_const'], '10.2f')}" + (f" {f(b['mae_knn'], '8.2f')}" if has_knn else "")
                      + f" {f(b['bias'], '8.2f')} {f(b['response'], '9.3f')} {f(b['resolution'], '10.3f')}")
+    lines += format_resolution(report["resolution"])
     lines.append(f"wrote metrics.json, bins.csv and {len(report['plots'])} plots to {report['out_dir']}")
     return "\n".join(lines)
 
@@ -387,13 +403,16 @@ def format_report(report: dict) -> str:
 @click.option("--knn-train-rows", default=20_000, show_default=True, type=click.IntRange(min=1),
               help="Fit the baseline on a seeded random subsample of at most this many train rows (read "
                    "separately, calorimeter channels only).")
+@click.option("--tta", is_flag=True,
+              help="Average the model over the four eta/phi flips of each image (4x the compute).")
 def main(checkpoint, data, split, out, batch_size, device, amp, workers, n_bins, max_mae_ratio, force, knn,
-         knn_train_rows):
+         knn_train_rows, tta):
     """Evaluate CHECKPOINT on a split of DATA.h5 (several files = one data set), beside a constant and a
     kNN physics baseline."""
     config = EvaluateConfig(checkpoint=checkpoint, data=list(data), split=split, out=out,
                             batch_size=batch_size, device=device, amp=amp, workers=workers, n_bins=n_bins,
-                            max_mae_ratio=max_mae_ratio, force=force, knn=knn, knn_train_rows=knn_train_rows)
+                            max_mae_ratio=max_mae_ratio, force=force, knn=knn, knn_train_rows=knn_train_rows,
+                            tta=tta)
     outcome = "no metrics.json was written (it is written last)"
     with exit_on_interrupt(f"evaluation of {checkpoint}", outcome), stop_on_signals() as stop:
         with user_errors():

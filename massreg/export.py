@@ -35,8 +35,8 @@ from torch import nn
 from massreg import __version__
 from massreg.checkpoint import load_checkpoint, restore
 from massreg.cli import command, force_option, user_errors
-from massreg.deploy import (ATOL, AUX, AUX_UNITS, FLOAT16_MAX, FORMAT, IMAGES, MASS, OPSET, RTOL, VERSION,
-                            Deployed, ExportError, max_excess)
+from massreg.deploy import (ATOL, AUX, AUX_UNITS, FLOAT16_MAX, FORMAT, IMAGES, MASS, MASS_Q16, MASS_Q84,
+                            OPSET, RTOL, VERSION, Deployed, ExportError, max_excess)
 from pipeline.files import atomic_write, atomic_write_text, check_new_output
 from pipeline.layout import CHANNEL_NAMES, CHANNEL_UNITS
 from pipeline.signals import exit_on_interrupt, stop_on_signals
@@ -50,6 +50,7 @@ class ExportConfig:
     opset: int = OPSET
     check_batch: int = 8          # rows of the check batch run through both PyTorch and ONNX Runtime
     force: bool = False
+    tta: bool = False             # the mean over the four eta/phi flips of each image, inside the graph
 
     def json_path(self) -> Path:
         return Path(self.out).with_suffix(".json")
@@ -100,7 +101,8 @@ def describe(restored, ckpt: dict, config: ExportConfig) -> dict:
     return {
         "format": FORMAT, "version": VERSION, "onnx_file": Path(config.out).name, "opset": config.opset,
         "inputs": inputs,
-        "outputs": [{"name": MASS, "dtype": "float32", "shape": ["batch"], "unit": "GeV"}],
+        "outputs": outputs(restored),
+        "flip_averaging": config.tta,
         "in_graph": {"float16_rounding": f"clamp to +-{FLOAT16_MAX:g}, round to float16 (as the converter)",
                      "normalizer": normalizer,
                      "aux": {"names": aux_names, "mean": list(restored.aux_scaler.mean) if aux_names else [],
@@ -115,6 +117,18 @@ def describe(restored, ckpt: dict, config: ExportConfig) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "export_config": asdict(config),
     }
+
+
+def outputs(restored) -> list[dict]:
+    """model.json's outputs: the mass, and for a model with quantiles its 16 % and 84 % quantiles (a per-jet
+    resolution is (mass_q84 - mass_q16) / 2)."""
+    out = [{"name": MASS, "dtype": "float32", "shape": ["batch"], "unit": "GeV"}]
+    if restored.model_config.quantiles:
+        out += [{"name": name, "dtype": "float32", "shape": ["batch"], "unit": "GeV",
+                 "meaning": f"the {q} % quantile of the mass given the inputs; non-crossing: "
+                            f"{MASS_Q16} < {MASS} < {MASS_Q84}"}
+                for name, q in ((MASS_Q16, 16), (MASS_Q84, 84))]
+    return out
 
 
 def check_inputs(restored, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -145,7 +159,8 @@ def trace(deployed: Deployed, feeds: dict, tmp: Path, opset: int) -> None:
         # The exporter's deprecation notice and tracer chatter; the graph is checked against PyTorch below.
         warnings.simplefilter("ignore")
         torch.onnx.export(deployed, args, str(tmp), dynamo=False, opset_version=opset, input_names=names,
-                          output_names=[MASS], dynamic_axes={n: {0: "batch"} for n in (*names, MASS)},
+                          output_names=deployed.output_names,
+                          dynamic_axes={n: {0: "batch"} for n in (*names, *deployed.output_names)},
                           do_constant_folding=True)
 
 
@@ -164,7 +179,8 @@ def export(config: ExportConfig, *, stop=None) -> dict:
     config.validate()
     ckpt = load_checkpoint(config.checkpoint)
     restored = restore(ckpt, "cpu")
-    deployed = Deployed(restored.model, restored.normalizer, restored.aux_scaler, restored.target).eval()
+    deployed = Deployed(restored.model, restored.normalizer, restored.aux_scaler, restored.target,
+                        tta=config.tta).eval()
     meta = describe(restored, ckpt, config)
     feeds = check_inputs(restored, config.check_batch)
 
@@ -204,9 +220,10 @@ def check_graph(path: Path, deployed: nn.Module, feeds: dict, config: ExportConf
                           f"({str(exc).splitlines()[0]}); please report this with the model_config") from None
     check()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run([MASS], {k: v for k, v in feeds.items()})[0]
-    with torch.no_grad():
-        want = deployed(*(torch.from_numpy(feeds[k]) for k in feeds)).numpy()
+    got = np.stack(session.run(deployed.output_names, feeds))                    # (outputs, B)
+    with torch.no_grad():   # eval: the quantile head's calibration applies in eval mode only, as in the graph
+        want = deployed.eval()(*(torch.from_numpy(feeds[k]) for k in feeds))
+    want = torch.stack(want if isinstance(want, tuple) else (want,)).numpy()     # (outputs, B)
     worst, ratio = max_excess(got, want)
     if not ratio <= 1.0:            # also catches NaN
         raise ExportError(f"{config.checkpoint}: ONNX Runtime and PyTorch differ by up to {worst:.4g} "
@@ -243,17 +260,22 @@ def write_both(out: Path, graph: bytes, json_path: Path, text: str) -> None:
 @click.option("--check-batch", default=8, show_default=True, type=int,
               help="Rows of the batch on which ONNX Runtime must agree with PyTorch before anything is "
                    "written.")
+@click.option("--tta", is_flag=True,
+              help="Put the four eta/phi flips of each image in the graph and output their mean (4x the "
+                   "compute).")
 @force_option("Replace --out and its model.json if they exist.")
-def main(checkpoint, out, opset, check_batch, force):
+def main(checkpoint, out, opset, check_batch, force, tta):
     """Export CHECKPOINT (a best_*.pt or last.pt of massreg.train) to ONNX: raw detector images (and pt,
-    ieta, iphi when the model takes them) in, the mass in GeV out; normalisation inside the graph.
+    ieta, iphi when the model takes them) in, the mass in GeV out (and its 16 % and 84 % quantiles for a
+    model with quantiles); normalisation inside the graph.
 
     \b
     Example:
       python -m massreg.export runs/top/best_val_loss.pt --out deploy/top_mass.onnx
       python -m massreg.predict --onnx deploy/top_mass.onnx data/raw/ --out check.csv
     """
-    config = ExportConfig(checkpoint=checkpoint, out=out, opset=opset, check_batch=check_batch, force=force)
+    config = ExportConfig(checkpoint=checkpoint, out=out, opset=opset, check_batch=check_batch, force=force,
+                          tta=tta)
     with exit_on_interrupt(f"export of {checkpoint}"), stop_on_signals() as stop:
         with user_errors():
             meta = export(config, stop=stop)

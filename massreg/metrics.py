@@ -10,6 +10,11 @@ Definitions (unit-tested on hand-made cases in tests/test_metrics.py), with r = 
                                                            so this is a sigma robust to the tails
     response    median(pred / true)                        dimensionless (per bin only)
 
+With the 16 % and 84 % quantiles of a model (q16 <= pred <= q84, GeV), res = (q84 - q16) / 2 per jet:
+    coverage    fraction of jets with q16 <= true <= q84   0.68 is right
+    pull_width  IQR((true - pred) / res) / 1.349           1 is right: res is one sigma
+    predicted_resolution   median(res / pred)              the relative resolution the model claims
+
 Percentiles use numpy's default (linear interpolation between order statistics).
 Both arrays must be 1-D with the same shape: the original attempt compared a (B, 1) prediction with a
 (B,) target, which broadcasts to B x B and made its reported MAE meaningless.
@@ -21,8 +26,8 @@ import pandas as pd
 
 # IQR of a standard normal distribution: 2 * 0.6744897... = 1.3489795...
 IQR_TO_SIGMA = 1.349
-METRIC_KEYS = ("n", "mae", "rmse", "mre", "bias", "resolution")
 BIN_COLUMNS = ("lo", "hi", "n", "mae", "rmse", "mre", "bias", "response", "resolution")
+QUANTILE_COLUMNS = ("coverage", "pull_width", "predicted_resolution")   # binned_metrics with q16 / q84
 
 
 def _check(pred, true) -> tuple[np.ndarray, np.ndarray]:
@@ -92,31 +97,73 @@ def mass_edges(lo: float, hi: float, n_bins: int = 10) -> np.ndarray:
     return np.linspace(float(lo), float(hi), int(n_bins) + 1)
 
 
-def binned_metrics(pred, true, edges) -> pd.DataFrame:
-    """One row per true-mass bin [lo, hi) (the last bin closed [lo, hi]) with columns BIN_COLUMNS.
+def binned_metrics(pred, true, edges, *, by=None, q16=None, q84=None) -> pd.DataFrame:
+    """One row per bin [lo, hi) (the last bin closed [lo, hi]) of `by` (default: the true mass; e.g. the
+    predicted mass or pT) with columns BIN_COLUMNS, and QUANTILE_COLUMNS when q16 and q84 are given.
 
-    Rows whose true mass lies outside [edges[0], edges[-1]] are left out. Empty bins have n = 0 and NaN
+    Rows whose `by` lies outside [edges[0], edges[-1]] are left out. Empty bins have n = 0 and NaN
     metrics. response = median(pred / true); resolution as in regression_metrics.
     """
     pred, true = _check(pred, true)
+    by = true if by is None else np.asarray(by, dtype=np.float64)
     edges = np.asarray(edges, dtype=np.float64)
     if edges.ndim != 1 or edges.size < 2 or not np.all(np.diff(edges) > 0):
         raise ValueError(f"edges must be a 1-D strictly increasing array of at least 2 values, got {edges}")
+    if by.shape != true.shape:
+        raise ValueError(f"by {by.shape} must have the shape of true {true.shape}")
+    quantiles = q16 is not None and q84 is not None
+    cols = [pred, true] + ([np.asarray(q16, np.float64), np.asarray(q84, np.float64)] if quantiles else [])
     n_bins = edges.size - 1
     # bin index of every row, (N,) int: searchsorted 'right' puts a value equal to an edge in the bin that
     # starts there; the top edge itself belongs to the last bin.
-    idx = np.searchsorted(edges, true, side="right") - 1
-    idx[true == edges[-1]] = n_bins - 1
+    idx = np.searchsorted(edges, by, side="right") - 1
+    idx[by == edges[-1]] = n_bins - 1
     inside = (idx >= 0) & (idx < n_bins)
-    idx, p_in, t_in = idx[inside], pred[inside], true[inside]
     # One sort by bin, then contiguous slices: the loop below runs over bins (a handful), not rows.
-    order = np.argsort(idx, kind="stable")
-    idx, p_in, t_in = idx[order], p_in[order], t_in[order]
+    order = np.argsort(idx[inside], kind="stable")
+    idx = idx[inside][order]
+    cols = [c[inside][order] for c in cols]
     bounds = np.searchsorted(idx, np.arange(n_bins + 1), side="left")  # (n_bins + 1,)
     rows = []
     for b in range(n_bins):
-        p, t = p_in[bounds[b]:bounds[b + 1]], t_in[bounds[b]:bounds[b + 1]]
+        part = [c[bounds[b]:bounds[b + 1]] for c in cols]
+        p, t = part[0], part[1]
         row = {"lo": edges[b], "hi": edges[b + 1], **_metrics(p, t)}
         row["response"] = float(np.median(p / t)) if p.size else np.nan
+        if quantiles:
+            row.update(quantile_metrics(p, t, part[2], part[3]))
         rows.append(row)
-    return pd.DataFrame(rows, columns=list(BIN_COLUMNS))
+    return pd.DataFrame(rows, columns=list(BIN_COLUMNS) + (list(QUANTILE_COLUMNS) if quantiles else []))
+
+
+def quantile_metrics(pred, true, q16, q84) -> dict:
+    """{coverage, pull_width, predicted_resolution} of per-jet quantiles (module docstring); NaN if empty."""
+    pred, true, q16, q84 = (np.asarray(a, dtype=np.float64) for a in (pred, true, q16, q84))
+    if pred.size == 0:
+        return {"coverage": np.nan, "pull_width": np.nan, "predicted_resolution": np.nan}
+    res = (q84 - q16) / 2                                                # (N,) GeV, one sigma per jet
+    if not np.all(res > 0):
+        raise ValueError(f"{int((res <= 0).sum())} of {res.size} jets have q84 <= q16: the quantiles cross")
+    return {"coverage": float(np.mean((true >= q16) & (true <= q84))),
+            "pull_width": _sigma_iqr((true - pred) / res),
+            "predicted_resolution": float(np.median(res / pred))}
+
+
+def resolution_quantiles(pred, true, q16, q84, n: int = 4) -> pd.DataFrame:
+    """Jets split into n equal-count groups of predicted relative resolution res / pred, one row each: lo, hi
+    (of res / pred), n, predicted (its median), measured (the resolution of regression_metrics), ratio =
+    measured / predicted (1 is right) and coverage. Rising predicted should come with rising measured."""
+    pred, true = _check(pred, true)
+    q16, q84 = np.asarray(q16, np.float64), np.asarray(q84, np.float64)
+    rel = (q84 - q16) / 2 / pred                                         # (N,) predicted relative resolution
+    edges = np.quantile(rel, np.linspace(0, 1, n + 1))
+    group = np.clip(np.searchsorted(edges, rel, side="right") - 1, 0, n - 1)   # (N,) 0 .. n-1
+    rows = []
+    for k in range(n):
+        sel = group == k
+        measured = _metrics(pred[sel], true[sel])["resolution"]
+        predicted = float(np.median(rel[sel])) if sel.any() else np.nan
+        rows.append({"quantile": k + 1, "lo": edges[k], "hi": edges[k + 1], "n": int(sel.sum()),
+                     "predicted": predicted, "measured": measured, "ratio": measured / predicted,
+                     "coverage": float(np.mean((true[sel] >= q16[sel]) & (true[sel] <= q84[sel])))})
+    return pd.DataFrame(rows)

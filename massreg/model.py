@@ -293,6 +293,72 @@ def init_conv_bn(model: nn.Module) -> None:
             nn.init.zeros_(module.bn2.weight)
 
 
+class ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient. The point z leaves QuantileHead as column 1 of
+    a (B, 3) stack, whose backward would give z a strided gradient; reductions over it (the head's bias
+    gradient) can then sum in another order than for a plain (B,) output, and the point model of a run with
+    quantiles would drift from the same run without them by rounding. With this, it is bitwise the same."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+# The narrowest width a QuantileHead gives, in standard deviations of the mass (~0.1 GeV on top data): far
+# below any resolution, far above float32's rounding of z.
+MIN_WIDTH = 1e-3
+
+
+class QuantileHead(nn.Module):
+    """The 16 % and 84 % quantiles around a point estimate: features (B, D) and the point z (B,) ->
+    (B, 3) = [q16, z, q84], non-crossing by construction: q16 = z - w_lo, q84 = z + w_hi, w = softplus(.) +
+    MIN_WIDTH (softplus alone underflows to 0 in float32 far in its tail, and z - 0 == z).
+
+    The widths see the features and z detached, so the pinball loss on q16 / q84 trains this head alone: the
+    point estimate, and everything under it, is exactly what the same model without the head learns. The
+    widths depend on z as well as on the features (the resolution varies with the mass by a factor ~3).
+
+    `calibration` (2,): factors on the lower and upper width, applied in eval mode only. The trainer measures
+    them on the val split after each validation: the pinball loss sees the residuals of jets the model was
+    trained on, which are narrower than those of jets it has not seen. They are saved with the weights.
+    """
+
+    def __init__(self, dim: int, hidden: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(dim + 1), nn.Linear(dim + 1, hidden), nn.GELU(),
+                                 nn.Linear(hidden, 2))
+        self.register_buffer("calibration", torch.ones(2))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """LayerNorm 1 / 0; hidden Linear Kaiming (fan_in, ReLU gain), bias 0; last Linear std 0.01 and bias
+        softplus^-1(0.5): every width starts at 0.5 standard deviations of the mass (~60 GeV on top data),
+        the scale of an untrained model's residuals, not at 0."""
+        norm, hidden, _, last = self.net
+        nn.init.ones_(norm.weight)
+        nn.init.zeros_(norm.bias)
+        nn.init.kaiming_normal_(hidden.weight, mode="fan_in", nonlinearity="relu")
+        nn.init.zeros_(hidden.bias)
+        nn.init.trunc_normal_(last.weight, std=0.01, a=-0.02, b=0.02)
+        nn.init.constant_(last.bias, math.log(math.expm1(0.5)))
+
+    def forward(self, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """features (B, D), z (B,) -> (B, 3) [q16, z, q84] in z's units."""
+        h = torch.cat((features.detach(), z.detach().unsqueeze(-1)), dim=-1)     # (B, D + 1)
+        width = F.softplus(self.net(h)) + MIN_WIDTH                               # (B, 2) > 0
+        if not self.training:
+            width = width * self.calibration
+        centre = z.detach()
+        if self.training:
+            z = ContiguousGrad.apply(z)
+        return torch.stack((centre - width[:, 0], z, centre + width[:, 1]), dim=-1)   # (B, 3)
+
+
 def check_inputs(model: nn.Module, img: torch.Tensor, aux: torch.Tensor | None) -> None:
     """The input contract every family shares; ValueError naming what was expected and what came.
 
@@ -316,7 +382,8 @@ def check_inputs(model: nn.Module, img: torch.Tensor, aux: torch.Tensor | None) 
 # ---------------------------------------------------------------------------------------------- the models
 
 class DeepViT(nn.Module):
-    """DeepViT regressor: images (B, C, H, W) float32 [, aux (B, num_aux)] -> (B,) float32, one per image.
+    """DeepViT regressor: images (B, C, H, W) float32 [, aux (B, num_aux)] -> (B,) float32, one per image;
+    with quantiles=True (B, 3): [q16, point, q84] (QuantileHead).
 
     stem="patch": the reference's linear patch embedding (patch_size x patch_size patches, `patch_norm`).
     stem="conv": tokens from ConvStem(widths, blocks), whose first conv has kernel and stride patch_size, then
@@ -327,7 +394,8 @@ class DeepViT(nn.Module):
     def __init__(self, *, image_size: int, patch_size: int, channels: int, dim: int, depth: int, heads: int,
                  dim_head: int, mlp_dim: int, dropout: float = 0.0, emb_dropout: float = 0.0,
                  num_aux: int = 0, patch_norm: bool = True, stem: str = "patch",
-                 widths: tuple[int, ...] = (), blocks: tuple[int, ...] = (), reattn_init: str = "reference"):
+                 widths: tuple[int, ...] = (), blocks: tuple[int, ...] = (), reattn_init: str = "reference",
+                 quantiles: bool = False):
         super().__init__()
         assert image_size > 0 and patch_size > 0 and image_size % patch_size == 0, (
             f"patch_size {patch_size} must divide image_size {image_size} "
@@ -379,6 +447,8 @@ class DeepViT(nn.Module):
         self.head_norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 1)
         self.init_weights()
+        # Made after the trunk's init: the trunk's initial weights are those of the model without it.
+        self.quantile_head = QuantileHead(dim) if quantiles else None
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -440,12 +510,14 @@ class DeepViT(nn.Module):
         x = torch.cat((cls, x), dim=1) + self.pos_embedding                  # (B, P + 1, dim)
         x = self.dropout(x)
 
-        x = self.transformer(x)                                               # (B, dim), the cls token
-        return self.head(self.head_norm(x)).squeeze(-1)                       # (B,)
+        x = self.head_norm(self.transformer(x))                               # (B, dim), the cls token
+        z = self.head(x).squeeze(-1)                                          # (B,)
+        return z if self.quantile_head is None else self.quantile_head(x, z)  # (B,) or (B, 3)
 
 
 class ResNet(nn.Module):
-    """ResNet regressor: images (B, C, H, W) float32 [, aux (B, num_aux)] -> (B,) float32, one per image.
+    """ResNet regressor: images (B, C, H, W) float32 [, aux (B, num_aux)] -> (B,) float32, one per image;
+    with quantiles=True (B, 3): [q16, point, q84] (QuantileHead on the input of the last Linear).
 
     A 3 x 3 stride-2 stem to widths[0] (BatchNorm, ReLU; 125 -> 63), then one stage per width, each of
     blocks[i] basic ResidualBlocks whose first has stride 2 (63 -> 32 -> 16 -> 8 -> 4 for four stages),
@@ -455,7 +527,8 @@ class ResNet(nn.Module):
     """
 
     def __init__(self, *, image_size: int, channels: int, widths: tuple[int, ...], blocks: tuple[int, ...],
-                 head_dims: tuple[int, ...] = (), num_aux: int = 0, dropout: float = 0.0):
+                 head_dims: tuple[int, ...] = (), num_aux: int = 0, dropout: float = 0.0,
+                 quantiles: bool = False):
         super().__init__()
         assert image_size >= 1 and channels >= 1, f"image_size {image_size}, channels {channels} must be >= 1"
         assert len(widths) == len(blocks) >= 1 and min(widths) >= 1 and min(blocks) >= 1, (
@@ -474,6 +547,7 @@ class ResNet(nn.Module):
             width = hidden
         self.head = nn.Sequential(*layers, nn.Linear(width, 1))
         self.init_weights()
+        self.quantile_head = QuantileHead(width) if quantiles else None   # after the trunk's init, as DeepViT
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -505,4 +579,6 @@ class ResNet(nn.Module):
         x = x.mean(dim=(2, 3))                                                # (B, widths[-1])
         if aux is not None:
             x = torch.cat((x, aux), dim=1)                                    # (B, widths[-1] + num_aux)
-        return self.head(x).squeeze(-1)                                       # (B,)
+        x = self.head[:-1](x)                                                 # (B, width): the hidden layers
+        z = self.head[-1](x).squeeze(-1)                                      # (B,)
+        return z if self.quantile_head is None else self.quantile_head(x, z)  # (B,) or (B, 3)

@@ -1,7 +1,8 @@
-"""The objective and the optimizer of a run: loss, learning-rate schedule, parameter groups.
+"""The objective and the optimizer of a run: losses, learning-rate schedule, parameter groups.
 
     lr = lr_at(config, step, steps_per_epoch)           # the schedule, a pure function of the position
     loss = loss_fn(config, z_pred, z_true)              # (B,) standardised mass each -> scalar
+    total, point = objective(config, out, z_true, w)    # out (B,) or (B, 3) [q16, point, q84]; w (B,) or None
     optimizer = make_optimizer(config, model)
 """
 from __future__ import annotations
@@ -32,13 +33,44 @@ def lr_at(c: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return low + 0.5 * (c.lr - low) * (1.0 + math.cos(math.pi * progress))
 
 
-def loss_fn(c: TrainConfig, z_pred: torch.Tensor, z_true: torch.Tensor) -> torch.Tensor:
-    """Mean loss over the batch, both (B,) in standardised mass units."""
+QUANTILES = (0.16, 0.84)   # the quantiles of a QuantileHead's outer columns: (q84 - q16) / 2 is one sigma
+
+
+def loss_fn(c: TrainConfig, z_pred: torch.Tensor, z_true: torch.Tensor,
+            weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean loss over the batch, both (B,) in standardised mass units; `weight` (B,): the weighted mean."""
+    reduction = "mean" if weight is None else "none"
     if c.loss == "mse":
-        return F.mse_loss(z_pred, z_true)
-    if c.loss == "l1":
-        return F.l1_loss(z_pred, z_true)
-    return F.huber_loss(z_pred, z_true, delta=c.huber_delta)
+        loss = F.mse_loss(z_pred, z_true, reduction=reduction)
+    elif c.loss == "l1":
+        loss = F.l1_loss(z_pred, z_true, reduction=reduction)
+    else:
+        loss = F.huber_loss(z_pred, z_true, delta=c.huber_delta, reduction=reduction)
+    return loss if weight is None else (loss * weight).sum() / weight.sum()
+
+
+def pinball_loss(q: torch.Tensor, z_true: torch.Tensor, tau: float,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The quantile (pinball) loss of q (B,) as the tau-quantile of z_true (B,): mean of tau * r for r =
+    z_true - q >= 0, (tau - 1) * r below; its minimiser over q is the tau-quantile of z_true."""
+    r = z_true - q
+    loss = torch.maximum(tau * r, (tau - 1.0) * r)                      # (B,) >= 0
+    return loss.mean() if weight is None else (loss * weight).sum() / weight.sum()
+
+
+def objective(c: TrainConfig, out: torch.Tensor, z_true: torch.Tensor,
+              weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what is minimised, the point loss alone) for a model output `out`: (B,) a point, or (B, 3)
+    [q16, point, q84]; then the point loss plus quantile_weight x the pinball losses of q16 and q84."""
+    if out.dim() == 1:
+        point = loss_fn(c, out, z_true, weight)
+        return point, point
+    # contiguous: a mean over a strided column can sum in another order than over the (B,) a point model
+    # gives, and the point model would then not be bitwise the same with and without quantiles
+    point = loss_fn(c, out[:, 1].contiguous(), z_true, weight)
+    pinball = (pinball_loss(out[:, 0], z_true, QUANTILES[0], weight)
+               + pinball_loss(out[:, 2], z_true, QUANTILES[1], weight))
+    return point + c.quantile_weight * pinball, point
 
 
 def make_optimizer(c: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

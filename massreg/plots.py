@@ -166,3 +166,46 @@ def figure_response(df, suffix: str) -> Figure:
     for ax in (ax_resp, ax_res):
         ax.grid(alpha=0.3)
     return fig
+
+
+def plot_resolution(block: dict, true_bins: list[dict], out_dir, prefix: str = "", *,
+                    label: str = "") -> list[Path]:
+    """For a model with quantiles (massreg.resolution.resolution_report's block), two PNGs:
+
+    resolution_predicted_vs_measured   measured against predicted relative resolution, per quartile of the
+                                       predicted one, with the diagonal (points on it: honest widths)
+    coverage                           coverage of [q16, q84] per bin of predicted mass, pT and true mass,
+                                       with 0.68 and the 0.58-0.78 band
+    true_bins: the true-mass bin rows with coverage (reported, not judged: they lean at the edges)."""
+    out_dir = Path(out_dir)
+    suffix = f" ({label})" if label else ""
+    q = pd.DataFrame(block["quartiles"])
+    fig = Figure(figsize=(5.4, 5), layout="constrained")
+    ax = fig.subplots()
+    top = 1.1 * float(np.nanmax([q["predicted"].max(), q["measured"].max()]))
+    ax.plot([0, top], [0, top], color="red", lw=1, ls="--", label="measured = predicted")
+    ax.plot(q["predicted"], q["measured"], "o-", ms=6, label="quartiles of predicted res / m_pred")
+    ax.set(xlabel="predicted relative resolution: median (q84 - q16) / 2 / m_pred",
+           ylabel="measured: IQR/1.349 of (pred - true) / true", xlim=(0, top), ylim=(0, top),
+           title=f"per-jet resolution{suffix}")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    paths = [save_figure(fig, out_dir / _name(prefix, "resolution_predicted_vs_measured"))]
+
+    panels = [(key, title) for key, title in (("by_predicted_mass", "predicted mass [GeV]"),
+                                              ("by_pt", "pT [GeV]")) if key in block]
+    panels.append(("true", "true mass [GeV] (reported, not judged)"))
+    fig = Figure(figsize=(6, 2.4 * len(panels)), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(len(panels), 1))
+    for ax, (key, title) in zip(axes, panels):
+        df = pd.DataFrame(true_bins if key == "true" else block[key])
+        centres, half = 0.5 * (df["lo"] + df["hi"]), 0.5 * (df["hi"] - df["lo"])
+        ax.axhspan(0.58, 0.78, color="green", alpha=0.12, label="0.58-0.78")
+        ax.axhline(0.68, color="green", lw=1)
+        ax.errorbar(centres, df["coverage"], xerr=half, fmt="o", ms=4, capsize=0)
+        ax.set(xlabel=title, ylabel="coverage of [q16, q84]", ylim=(0, 1))
+        ax.grid(alpha=0.3)
+    axes[0].set_title(f"coverage{suffix}")
+    axes[0].legend(loc="lower right")
+    paths.append(save_figure(fig, out_dir / _name(prefix, "coverage")))
+    return paths

@@ -11,7 +11,9 @@ or the rows of --split. The kind of each input is read from its first bytes, not
 
 The output (CSV or Parquet, by the suffix of --out; written atomically, an existing file only with --force)
 has one row per prediction: source (the input as given), row (the row number in that input: the Parquet row,
-or the HDF5 row of /images), m_pred (GeV) and m_true (GeV, the file's mass where it has one, else empty).
+or the HDF5 row of /images), m_pred (GeV); for a model with quantiles m_q16, m_q84 (its 16 % and 84 %
+quantiles) and m_res = (m_q84 - m_q16) / 2 (the per-jet resolution, one sigma), GeV; and m_true (GeV, the
+file's mass where it has one, else empty). --tta averages the model over the four eta/phi flips of each jet.
 The PredictConfig and model details go beside it in FILE.<suffix>.json (and, for Parquet, in its
 schema metadata).
 """
@@ -52,6 +54,7 @@ HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 PARQUET_MAGIC = b"PAR1"
 OUT_SUFFIXES = (".csv", ".parquet")
 COLUMNS = ("source", "row", "m_pred", "m_true")
+QUANTILE_COLUMNS = ("m_q16", "m_q84", "m_res")     # after m_pred, for a model with quantiles
 
 
 class PredictError(UserError):
@@ -75,6 +78,7 @@ class PredictConfig:
     amp: bool = False
     workers: int = 0                    # DataLoader workers for HDF5 inputs
     force: bool = False
+    tta: bool = False                   # average over the four eta/phi flips of each image
 
     def validate(self) -> None:
         """Checks that need no file reading, so that a bad option fails before any work."""
@@ -197,7 +201,7 @@ def torch_predictor(config: PredictConfig) -> Predictor:
     aux_names = tuple(r.aux_scaler.names) if r.aux_scaler is not None else ()
 
     def run(batches):
-        return engine.predict(r.model, batches, normalizer=r.normalizer, target=r.target,
+        return engine.predict(r.model, batches, normalizer=r.normalizer, target=r.target, tta=config.tta,
                               aux_scaler=r.aux_scaler, device=device, amp=config.amp)
 
     meta = {"checkpoint": {"path": config.checkpoint, "epoch": ckpt.get("epoch"),
@@ -212,7 +216,8 @@ def onnx_predictor(config: PredictConfig) -> Predictor:
     meta = {"checkpoint": None, "device": "onnxruntime CPU",
             "onnx": {"path": config.onnx, "from_checkpoint": model.meta.get("checkpoint"),
                      "versions": model.meta.get("versions"), "channels": model.channels}}
-    return Predictor(f"ONNX file {config.onnx}", model.channels, tuple(model.aux_names), model.predict, meta)
+    return Predictor(f"ONNX file {config.onnx}", model.channels, tuple(model.aux_names),
+                     lambda batches: model.predict(batches, tta=config.tta), meta)
 
 
 def predict_file(path: str, kind: str, model: Predictor, config: PredictConfig, *,
@@ -255,9 +260,11 @@ def predict_file(path: str, kind: str, model: Predictor, config: PredictConfig, 
         raise PredictError(f"{path}: {int(bad.sum())} of {pred.size} predictions are NaN or infinite "
                            f"(first at row {int(row[np.argmax(bad)])}): "
                            f"the {model.name} or the input is broken")
-    return pd.DataFrame({"source": pd.Series([path] * pred.size, dtype="string"),
-                         "row": row.astype(np.int64), "m_pred": pred.astype(np.float64),
-                         "m_true": m_true.astype(np.float64)})
+    columns = {"source": pd.Series([path] * pred.size, dtype="string"), "row": row.astype(np.int64),
+               "m_pred": pred.astype(np.float64)}
+    if "q16" in out:
+        columns.update(m_q16=out["q16"], m_q84=out["q84"], m_res=(out["q84"] - out["q16"]) / 2)
+    return pd.DataFrame({**columns, "m_true": m_true.astype(np.float64)})
 
 
 def _write_table(df: pd.DataFrame, out: Path, meta: dict) -> None:
@@ -325,9 +332,11 @@ def predict(config: PredictConfig, *, progress: bool = False, stop: StopFlag | N
 @device_option
 @amp_option
 @workers_option("DataLoader workers (HDF5 inputs).")
+@click.option("--tta", is_flag=True,
+              help="Average the model over the four eta/phi flips of each image (4x the compute).")
 @force_option("Replace --out if it exists.")
 def main(args, out, onnx, split, cuts, extra_cuts, clip, chunk_size, batch_size, device, amp, workers,
-         force):
+         force, tta):
     """Predict the mass of every row of INPUT (raw Parquet or converted HDF5) with CHECKPOINT, or with the
     exported MODEL.onnx given by --onnx.
 
@@ -340,7 +349,8 @@ def main(args, out, onnx, split, cuts, extra_cuts, clip, chunk_size, batch_size,
     checkpoint, inputs = (None, list(args)) if onnx is not None else (args[0], list(args[1:]))
     config = PredictConfig(checkpoint=checkpoint, onnx=onnx, inputs=inputs, out=out, split=split, cuts=cuts,
                            extra_cuts=tuple(extra_cuts), clip=clip, chunk_size=chunk_size,
-                           batch_size=batch_size, device=device, amp=amp, workers=workers, force=force)
+                           batch_size=batch_size, device=device, amp=amp, workers=workers, force=force,
+                           tta=tta)
     with exit_on_interrupt(f"prediction to {out}"), stop_on_signals() as stop:
         with user_errors():
             df = predict(config, progress=sys.stderr.isatty(), stop=stop)

@@ -10,7 +10,8 @@ Recipes (explicit options override a recipe's values; config.json records the re
   default  what trains, chosen by measurement on generated `top` data (docs/training.md): AdamW, linear
            warm-up then cosine decay per step, Huber loss on the standardised mass, fixed per-channel
            reference scales, flips in eta/phi, the aux scalars (pt, ieta, iphi) fed to the model, grad
-           clipping; peak lr by model size (DEFAULT_LR) unless --lr is given.
+           clipping; peak lr by model size (DEFAULT_LR) unless --lr is given; the 16 % and 84 % quantiles
+           besides the point (pinball loss, weight 1, on a head that cannot change the point estimate).
 
 The lowest room of the trainer: it imports only the model registry.
 """
@@ -51,7 +52,12 @@ class TrainConfig:
     min_lr_ratio: float = 0.01        # cosine: final lr = lr * min_lr_ratio
     loss: str = "huber"               # on the standardised mass: mse | l1 | huber
     huber_delta: float = 0.2          # in standard deviations of the mass (~25 GeV on top data)
-    grad_clip: float = 1.0            # max global grad norm; 0 = off
+    # max global grad norm, 0 = off; the point model and the quantile head are clipped separately, so the
+    # head never changes the point's steps
+    grad_clip: float = 1.0
+    quantiles: bool = False           # also learn the 16 % and 84 % quantiles (a per-jet resolution)
+    quantile_weight: float = 1.0      # weight of the pinball loss beside the point loss
+    reweight: str = "none"            # none | flat: weights flattening the train split's (mass, pT) histogram
     norm: str = "reference"           # stats (z-score from /stats) | reference (fixed per-channel scales)
     aux: bool = True                  # feed pt, ieta, iphi (normalised) to the model
     flips: bool = True                # random flips in eta and phi, a function of (seed, epoch, row)
@@ -72,10 +78,11 @@ class TrainConfig:
 RECIPES: dict[str, dict] = {
     "seed": dict(model="seed", epochs=25, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=1e-4,
                  schedule="exponential", gamma=0.4, loss="mse", grad_clip=0.0, norm="stats", aux=False,
-                 flips=False),
+                 flips=False, quantiles=False, reweight="none"),
     "default": dict(model="seed", epochs=20, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=0.05,
                     schedule="cosine", warmup_fraction=0.05, min_lr_ratio=0.01, loss="huber", huber_delta=0.2,
-                    grad_clip=1.0, norm="reference", aux=True, flips=True),
+                    grad_clip=1.0, norm="reference", aux=True, flips=True, quantiles=True,
+                    quantile_weight=1.0),
 }
 # The default recipe's peak learning rate by model preset, unless --lr is given. Measured on 7,000 generated
 # top rows, 8 channels, a 30-epoch schedule (docs/performance.md, "On a GPU"): the 43 M-parameter `seed`
@@ -89,7 +96,8 @@ DEFAULT_LR = {"tiny": 1e-3, "small": 1e-3, "seed": 1e-4, "hybrid": 1e-3, "hybrid
               "hybrid-seed": 1e-4, "resnet": 1e-3, "resnet-wide": 1e-3}
 CHOICES = {"recipe": tuple(RECIPES), "optimizer": ("adam", "adamw"),
            "schedule": ("cosine", "exponential", "constant"), "loss": ("mse", "l1", "huber"),
-           "norm": ("stats", "reference"), "device": ("auto", "cpu", "cuda"), "shuffle": ("row", "block")}
+           "norm": ("stats", "reference"), "device": ("auto", "cpu", "cuda"), "shuffle": ("row", "block"),
+           "reweight": ("none", "flat")}
 # Options that may change when a run is resumed: they change where and how fast it runs, not what it computes
 # (epochs may grow; with a cosine schedule that stretches the remaining decay).
 RESUME_MUTABLE = {"device", "amp", "compile", "workers", "eval_every", "epochs", "resume", "force", "run_dir",
@@ -122,6 +130,7 @@ def check_config(c: TrainConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(c, name)!r}: "
                               f"choose one of {', '.join(allowed)}")
     positive = {"epochs": c.epochs, "batch_size": c.batch_size, "lr": c.lr, "eval_every": c.eval_every,
+                "quantile_weight": c.quantile_weight,
                 "huber_delta": c.huber_delta, "gamma": c.gamma}
     for name, value in positive.items():
         if not value > 0:

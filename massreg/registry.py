@@ -16,7 +16,7 @@ STEMS = ("patch", "conv")
 REATTN_INITS = ("reference", "scaled")
 # The fields a ResNet reads; it ignores the DeepViT's (patch_size, dim, depth, heads, dim_head, mlp_dim,
 # emb_dropout, reattn_init), which its presets leave at their defaults.
-RESNET_FIELDS = ("image_size", "channels", "widths", "blocks", "head_dims", "num_aux", "dropout")
+RESNET_FIELDS = ("image_size", "channels", "widths", "blocks", "head_dims", "num_aux", "dropout", "quantiles")
 
 
 @dataclass
@@ -45,6 +45,7 @@ class ModelConfig:
     blocks: tuple[int, ...] = ()     # residual blocks per conv stage
     head_dims: tuple[int, ...] = ()  # resnet: hidden widths of the MLP head
     reattn_init: str = "reference"   # deepvit: LayerNorm-over-heads gain 1 (reference) or 1/sqrt(tokens + 1)
+    quantiles: bool = False   # also the 16 % and 84 % quantiles: the output is (B, 3) [q16, point, q84]
 
     def __post_init__(self):
         # JSON (config.json) stores tuples as lists: turn them back, so a round trip compares equal.

@@ -50,6 +50,14 @@ from pipeline.signals import exit_on_interrupt
               help="Images: z-score from /stats or fixed scales.")
 @click.option("--aux/--no-aux", default=None, help="Feed pt, ieta, iphi to the model [recipe].")
 @click.option("--flips/--no-flips", default=None, help="Random flips in eta and phi while training [recipe].")
+@click.option("--quantiles/--no-quantiles", default=None,
+              help="Also learn the 16 % and 84 % quantiles of the mass: a per-jet resolution, on a head that "
+                   "leaves the point estimate as it is [recipe: default on, seed off].")
+@click.option("--quantile-weight", type=float,
+              help="Weight of the pinball loss of the quantiles beside the point loss [1].")
+@click.option("--reweight", type=click.Choice(CHOICES["reweight"]),
+              help="flat: weight each train jet by the inverse population of its (mass, pT) cell, so that a "
+                   "spectrum that is not flat trains as if it were [none].")
 @click.option("--shuffle", type=click.Choice(CHOICES["shuffle"]), default="row", show_default=True,
               help="Train order: uniform over rows, or contiguous blocks shuffled in windows (data larger "
                    "than the page cache: docs/training.md).")

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import click
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -29,10 +30,12 @@ from massreg import engine
 from massreg.dataset import H5Images
 from massreg.distributed import Dist, broadcast, gather_predictions, setup_distributed
 from massreg.metrics import regression_metrics
-from massreg.optim import loss_fn, lr_at, make_optimizer
+from massreg.optim import QUANTILES, loss_fn, lr_at, make_optimizer, objective
 from massreg.prefetch import DevicePrefetcher, ThreadReader, WorkerReader
 from massreg.recipes import AUX_NAMES, RESUME_MUTABLE, ConfigError, TrainConfig, check_config
 from massreg.registry import ModelConfig, build_model, model_config
+from massreg.reweight import describe as reweight_summary
+from massreg.reweight import flat_weights
 from massreg.rundir import (check_run_dir, count_params, default_run_dir, human_count, make_plots,
                             prepare_run_dir, summary_line, write_metrics_csv, write_or_fail)
 from massreg.sampling import EpochBatches, make_loader
@@ -59,6 +62,7 @@ class RunData:
     normalizer: Normalizer          # on the run's device
     target: TargetScaler
     aux_scaler: AuxScaler | None
+    weights: np.ndarray | None = None   # (len(fit_set),) --reweight flat sample weights, mean 1; or None
 
 
 @dataclass
@@ -149,16 +153,21 @@ def open_data(config: TrainConfig, ckpt: dict | None, d: Dist) -> RunData:
     if config.max_train_samples is not None and config.max_train_samples < len(train_set):
         # The first N train rows: the split is already a seeded hash, so they are a random sample.
         fit_set = Subset(train_set, range(config.max_train_samples))
+    weights = None
+    if config.reweight == "flat":   # over the rows that train: the first len(fit_set) of the split
+        n = len(fit_set)
+        weights = flat_weights(train_set.targets[:n], train_set.label("pt")[:n])
     return RunData(train_set=train_set, fit_set=fit_set, val_set=val_set, info=info, stats=stats,
                    channels=channels, aux_names=aux_names,
                    normalizer=Normalizer.from_stats(stats, config.norm, channels).to(d.device),
                    target=TargetScaler.from_stats(stats),
-                   aux_scaler=AuxScaler.from_stats(stats, aux_names) if aux_names else None)
+                   aux_scaler=AuxScaler.from_stats(stats, aux_names) if aux_names else None, weights=weights)
 
 
 def build_state(config: TrainConfig, data: RunData, ckpt: dict | None, d: Dist) -> RunState:
     """Model and optimizer, from the seed or from last.pt, wrapped for training; the val loader."""
     mcfg = model_config(config.model, channels=len(data.channels), num_aux=len(data.aux_names),
+                        quantiles=config.quantiles,
                         **({} if config.patch_norm is None else {"patch_norm": config.patch_norm}))
     if ckpt is not None:
         ck.check_model_config(ckpt, asdict(mcfg), source=f"{config.resume}/last.pt")
@@ -254,7 +263,11 @@ def train_epoch(s: RunState, gate: StepGate) -> dict | None:
     loader = s.feed.epoch(batches, s.epoch)
     bar = tqdm(total=s.steps_per_epoch, initial=done.batches, desc=f"epoch {s.epoch + 1}/{c.epochs}",
                unit="step", file=sys.stderr, leave=False, disable=True if not d.main else None)
-    params = [p for p in s.model.parameters() if p.requires_grad]
+    # Clipped apart: the quantile head's gradients never change the point model's steps (or its clipping).
+    head = s.raw_model.quantile_head
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    groups = [[p for p in s.model.parameters() if p.requires_grad and id(p) not in head_ids]]
+    groups += [[p for p in head.parameters() if p.requires_grad]] if head is not None else []
     max_norm = c.grad_clip if c.grad_clip > 0 else float("inf")
     s.model.train()
     t0 = time.perf_counter()
@@ -265,20 +278,22 @@ def train_epoch(s: RunState, gate: StepGate) -> dict | None:
                 group["lr"] = lr
             z_true = data.target.encode(batch["m"].to(d.device, non_blocking=True).float())      # (B,)
             z_pred = engine.forward(s.model, batch, normalizer=data.normalizer, aux_scaler=data.aux_scaler,
-                                    device=d.device, amp=c.amp)                                   # (B,)
-            loss = loss_fn(c, z_pred, z_true)
+                                    device=d.device, amp=c.amp)                         # (B,) or (B, 3)
+            weight = None if data.weights is None else torch.from_numpy(
+                data.weights[batch["index"].numpy()]).to(d.device, torch.float32, non_blocking=True)   # (B,)
+            loss, point = objective(c, z_pred, z_true, weight)        # z_pred (B,) or (B, 3) with quantiles
             s.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # Under DDP the gradients are already averaged over ranks, so every rank sees the same norm and
             # stops together (a NaN on one rank would otherwise leave the others waiting).
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            loss_value = loss.item()
+            grad_norm = sum(torch.nn.utils.clip_grad_norm_(g, max_norm) for g in groups)
+            loss_value, point_value = torch.stack((loss.detach(), point.detach())).tolist()
             if not (math.isfinite(loss_value) and torch.isfinite(grad_norm)):
                 raise TrainingError(non_finite_message(s, loss_value, grad_norm.item()))
             s.optimizer.step()
             s.step += 1
             n = int(batch["m"].shape[0])
-            loss_sum, count = loss_sum + loss_value * n, count + n
+            loss_sum, count = loss_sum + point_value * n, count + n      # train_loss: the point loss
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / count:.4f}", lr=f"{lr:.2e}", refresh=False)
             stop, due = gate.poll()
@@ -327,8 +342,27 @@ def val_metrics(s: RunState) -> dict:
     z_pred = torch.from_numpy((out["pred"] - data.target.mean) / data.target.std)
     z_true = torch.from_numpy((out["true"] - data.target.mean) / data.target.std)
     metrics = regression_metrics(out["pred"], out["true"])
+    calibrate_quantiles(s, out)
     return {"val_loss": float(loss_fn(s.config, z_pred, z_true)), "val_mae": metrics["mae"],
             "val_mre": metrics["mre"], "val_resolution": metrics["resolution"]}
+
+
+def calibrate_quantiles(s: RunState, out: dict) -> None:
+    """Scale the quantile head's widths so that 16 % of the val jets fall below q16 and 16 % above q84.
+
+    out: the val predictions (GeV), made with the current factors. A jet is below q16 when
+    (pred - true) / (pred - q16) > 1; the 84th percentile of that ratio is the factor that puts 16 % there
+    (the same for q84), applied on top of the current one. Every rank has the gathered predictions, so every
+    rank sets the same factors. Clipped to [0.1, 10]: one odd validation cannot wreck the widths."""
+    head = s.raw_model.quantile_head
+    if head is None:
+        return
+    pred, true = out["pred"], out["true"]                             # (N,) GeV each
+    below = (pred - true) / np.maximum(pred - out["q16"], 1e-9)      # (N,) > 1: true under q16
+    above = (true - pred) / np.maximum(out["q84"] - pred, 1e-9)      # (N,) > 1: true over q84
+    factors = np.clip([np.quantile(below, QUANTILES[1]), np.quantile(above, QUANTILES[1])], 0.1, 10.0)
+    head.calibration.mul_(torch.as_tensor(factors, dtype=head.calibration.dtype,
+                                          device=head.calibration.device))
 
 
 def validate_and_rank(s: RunState, row: dict) -> tuple[bool, bool]:
@@ -433,7 +467,10 @@ def train(config: TrainConfig, *, stop_after_epochs: int | None = None, echo=cli
         s = build_state(config, data, ckpt, d)
         write_run_config(s, new_run=ckpt is None)
         n_params = human_count(count_params(s.raw_model))
-        say(f"run {s.run_dir}: {config.model} model ({n_params} parameters), recipe "
+        if data.weights is not None:
+            say(f"--reweight flat: {reweight_summary(data.weights)}")
+        quantiles = " with quantiles" if config.quantiles else ""
+        say(f"run {s.run_dir}: {config.model} model{quantiles} ({n_params} parameters), recipe "
             f"{config.recipe}, {len(data.fit_set)} train / {len(data.val_set)} val rows, "
             f"{len(data.channels)} channels, {d.world} process(es) on {d.device}, "
             f"{s.steps_per_epoch} steps per epoch")

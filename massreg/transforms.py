@@ -181,6 +181,6 @@ class AuxScaler:
 
 
 def encode_aux(aux_scaler, aux: torch.Tensor) -> torch.Tensor:
-    """(B, A) raw aux tensor -> (B, A) float32 standardised by `aux_scaler` (an AuxScaler, or anything with its
-    encode), on aux's device: what the model takes."""
+    """(B, A) raw aux tensor -> (B, A) float32 standardised by `aux_scaler` (an AuxScaler, or anything with
+    its encode), on aux's device: what the model takes."""
     return torch.as_tensor(aux_scaler.encode(aux), dtype=torch.float32, device=aux.device)

@@ -117,9 +117,9 @@ def make_file(path, n, *, seed=0, channels=EVAL_CHANNELS, fmt=layout.FORMAT_NAME
     return path
 
 
-def make_checkpoint(path, data_paths, *, channels=EVAL_CHANNELS, aux=(), seed=0):
+def make_checkpoint(path, data_paths, *, channels=EVAL_CHANNELS, aux=(), seed=0, quantiles=False):
     """A checkpoint of a tiny randomly initialised model in the contract's payload (as massreg.train
-    saves)."""
+    saves); quantiles: with a QuantileHead whose widths vary from jet to jet and calibration factors != 1."""
     from dataclasses import asdict
 
     from massreg import checkpoint as ck
@@ -128,10 +128,13 @@ def make_checkpoint(path, data_paths, *, channels=EVAL_CHANNELS, aux=(), seed=0)
     from massreg.transforms import Normalizer
 
     torch.manual_seed(seed)
-    mcfg = ModelConfig(channels=len(channels), num_aux=len(aux), **TINY_DEEPVIT)
+    mcfg = ModelConfig(channels=len(channels), num_aux=len(aux), quantiles=quantiles, **TINY_DEEPVIT)
     model = build_model(mcfg)
     with torch.no_grad():  # a spread of predictions (z ~ N(0, 1.2)), so that a wrong input shows in them
         model.head.weight.normal_(0.0, 0.3)
+        if quantiles:
+            model.quantile_head.net[-1].weight.normal_(0.0, 0.3)
+            model.quantile_head.calibration.copy_(torch.tensor([1.3, 0.8]))
     ds = H5Images(data_paths, "train")
     stats = ds.stats
     payload = {

@@ -74,12 +74,14 @@ def preset_checkpoint(world, preset: str) -> str:
 
 
 def torch_predictions(ckpt: str, images: np.ndarray, aux: np.ndarray) -> np.ndarray:
-    """massreg's own Python path (engine.predict, float64 decode) on float16 rows as the loader gives them."""
+    """massreg's own Python path (engine.predict, float64 decode) on float16 rows as the loader gives them:
+    (N,) GeV, or (N, 3) [q16, mass, q84] for a model with quantiles (as OnnxRegressor returns them)."""
     r = restore(load_checkpoint(ckpt), "cpu")
     batch = {"images": torch.from_numpy(images), "aux": torch.from_numpy(aux.astype(np.float32)),
              "m": torch.zeros(len(images)), "index": torch.arange(len(images))}
-    return engine.predict(r.model, [batch], normalizer=r.normalizer, target=r.target, aux_scaler=r.aux_scaler,
-                          device="cpu")["pred"]
+    out = engine.predict(r.model, [batch], normalizer=r.normalizer, target=r.target, aux_scaler=r.aux_scaler,
+                         device="cpu")
+    return np.stack([out["q16"], out["pred"], out["q84"]], axis=1) if "q16" in out else out["pred"]
 
 
 def real_rows(h5: str, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +98,7 @@ def test_trained_tiny_model_equals_pytorch_on_real_rows(world, tmp_path):
     onnx.checker.check_model(graph, full_check=True)
     assert graph.opset_import[0].version == 17
     assert [i.name for i in graph.graph.input] == ["images", "aux"]
-    assert [o.name for o in graph.graph.output] == ["mass"]
+    assert [o.name for o in graph.graph.output] == ["mass", "mass_q16", "mass_q84"]   # the default recipe
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"   # dynamic batch axis
     runtime = OnnxRegressor(out)
     images, aux = real_rows(h5, 64)
@@ -104,9 +106,10 @@ def test_trained_tiny_model_equals_pytorch_on_real_rows(world, tmp_path):
     for n in (1, 3, 64):
         want = torch_predictions(ckpt, images[:n], aux[:n])
         got = runtime(images[:n].astype(np.float32), aux[:n])
-        assert got.shape == (n,) and got.dtype == np.float32
+        assert got.shape == (n, 3) and got.dtype == np.float32
         worst = max(worst, within(got, want))
-    assert np.std(want) > 0.1          # a trained model's spread: the comparison means something
+    assert np.std(want[:, 1]) > 0.1    # a trained model's spread: the comparison means something
+    assert (want[:, 0] < want[:, 1]).all() and (want[:, 1] < want[:, 2]).all()
     print(f"tiny, trained: max |ONNX Runtime - PyTorch| = {worst:.3g} GeV over batches 1, 3, 64")
     # model.json beside the file says what a C++ producer needs
     described = json.loads(out.with_suffix(".json").read_text())
@@ -116,7 +119,9 @@ def test_trained_tiny_model_equals_pytorch_on_real_rows(world, tmp_path):
     assert [c["unit"] for c in images_in["channels"]] == ["GeV", "cm", "cm", "GeV"]
     assert images_in["shape"] == ["batch", 4, 125, 125] and images_in["dtype"] == "float32"
     assert [c["name"] for c in aux_in["columns"]] == list(AUX)
-    assert described["outputs"] == [{"name": "mass", "dtype": "float32", "shape": ["batch"], "unit": "GeV"}]
+    assert described["outputs"][0] == {"name": "mass", "dtype": "float32", "shape": ["batch"], "unit": "GeV"}
+    assert [o["name"] for o in described["outputs"][1:]] == ["mass_q16", "mass_q84"]
+    assert all(o["unit"] == "GeV" and o["shape"] == ["batch"] for o in described["outputs"])
     assert described["checkpoint"]["size"] == Path(ckpt).stat().st_size
     assert described["checkpoint"]["epoch"] == 1
     assert {"torch", "onnx", "onnxruntime", "massreg"} <= set(described["versions"])
@@ -258,10 +263,11 @@ class Shifted(torch.nn.Module):
 
     def __init__(self, inner):
         super().__init__()
-        self.inner, self.takes_aux = inner, inner.takes_aux
+        self.inner, self.takes_aux, self.output_names = inner, inner.takes_aux, inner.output_names
 
     def forward(self, *args):
-        return self.inner(*args) + 1.0
+        out = self.inner(*args)
+        return tuple(o + 1.0 for o in out) if isinstance(out, tuple) else out + 1.0
 
 
 def test_a_failed_check_writes_nothing(world, tmp_path, monkeypatch):
