@@ -22,7 +22,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[test,export]'
+	$(PIP) install -q -c constraints.txt -e '.[test,export,tensorboard]'
 	$(PIP) install -q --no-deps -c constraints.txt vit-pytorch
 	touch $@
 

@@ -13,9 +13,9 @@ The output (CSV or Parquet, by the suffix of --out; written atomically, an exist
 has one row per prediction: source (the input as given), row (the row number in that input: the Parquet row,
 or the HDF5 row of /images), m_pred (GeV); for a model with quantiles m_q16, m_q84 (its 16 % and 84 %
 quantiles) and m_res = (m_q84 - m_q16) / 2 (the per-jet resolution, one sigma), GeV; and m_true (GeV, the
-file's mass where it has one, else empty). --tta averages the model over the four eta/phi flips of each jet.
-The PredictConfig and model details go beside it in FILE.<suffix>.json (and, for Parquet, in its
-schema metadata).
+file's mass where it has one, else empty); then the columns named by --keep (input columns copied row for
+row). --tta averages the model over the four eta/phi flips of each jet. The PredictConfig and model details
+go beside it in FILE.<suffix>.json (and, for Parquet, in its schema metadata).
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ from massreg.sampling import make_loader
 from pipeline.cuts import CUT_PRESETS, rows_passing
 from pipeline.errors import UserError
 from pipeline.files import atomic_write, atomic_write_text, check_new_output
-from pipeline.layout import SPLITS
+from pipeline.layout import COLUMN_ALIASES, SPLITS, open_for_reading
 from pipeline.parallel import read_parquet_chunks
 from pipeline.parquet import expand_inputs as expand_paths
 from pipeline.parquet import parse_channels
@@ -79,6 +79,7 @@ class PredictConfig:
     workers: int = 0                    # DataLoader workers for HDF5 inputs
     force: bool = False
     tta: bool = False                   # average over the four eta/phi flips of each image
+    keep: tuple[str, ...] = ()          # input columns copied into the output, row for row
 
     def validate(self) -> None:
         """Checks that need no file reading, so that a bad option fails before any work."""
@@ -98,6 +99,10 @@ class PredictConfig:
         if self.batch_size < 1 or self.chunk_size < 1 or self.workers < 0:
             raise PredictError(f"batch_size {self.batch_size}, chunk_size {self.chunk_size}, workers "
                                f"{self.workers}: sizes must be >= 1, workers >= 0")
+        clash = sorted(set(self.keep) & set(COLUMNS + QUANTILE_COLUMNS))
+        if clash:
+            raise PredictError(f"--keep {','.join(clash)}: the output has such columns of its own; keep "
+                               "others (the input's mass is m_true already)")
         if self.device not in DEVICES:
             raise PredictError(f"--device {self.device!r}: choose auto, cpu or cuda")
 
@@ -231,16 +236,19 @@ def predict_file(path: str, kind: str, model: Predictor, config: PredictConfig, 
                                "converted); predict HDF5 files in a separate call")
         ds = H5Images(path, config.split, aux=aux_names)
         check_channels(model.channels, ds.channels, path, model=model.name)
+        sources = keep_sources(path, kind, config.keep)
         loader = make_loader(ds, batch_size=config.batch_size, shuffle=False, seed=0, workers=config.workers)
         with tqdm(total=len(ds), desc=Path(path).name, unit="row", disable=not progress) as bar:
             out = model.run(polled(counted(loader, bar), stop))
         _, row = ds.locate(out["index"])                    # (N,) row of /images in this file
         m_true = ds.label("m")[out["index"]].astype(np.float64)  # float64, not the loader's float32
+        kept = {name: ds.label(source)[out["index"]] for name, source in sources.items()}
     else:
         if config.split is not None:
             raise PredictError(f"{path}: --split applies to HDF5 inputs only (a Parquet file has no split); "
                                "predict Parquet files in a separate call")
         channels = parse_channels(list(model.channels))  # the model's channels, by name
+        sources = keep_sources(path, kind, config.keep)
         rows, skipped = rows_passing(path, config.cuts or "none", config.extra_cuts)
         if skipped and progress:
             tqdm.write(f"{path}: cut(s) {', '.join(c.text for c in skipped)} skipped: the file lacks their "
@@ -254,6 +262,9 @@ def predict_file(path: str, kind: str, model: Predictor, config: PredictConfig, 
         all_rows = np.concatenate(record["row"]) if record["row"] else np.zeros(0, np.int64)
         all_m = np.concatenate(record["m"]) if record["m"] else np.zeros(0)
         row, m_true = all_rows[out["index"]], all_m[out["index"]]
+        table = pq.read_table(path, columns=sorted(set(sources.values()))) if sources else None
+        kept = {name: table.column(source).to_numpy(zero_copy_only=False)[row]
+                for name, source in sources.items()}
     pred = out["pred"]
     bad = ~np.isfinite(pred)
     if bad.any():
@@ -264,7 +275,31 @@ def predict_file(path: str, kind: str, model: Predictor, config: PredictConfig, 
                "m_pred": pred.astype(np.float64)}
     if "q16" in out:
         columns.update(m_q16=out["q16"], m_q84=out["q84"], m_res=(out["q84"] - out["q16"]) / 2)
-    return pd.DataFrame({**columns, "m_true": m_true.astype(np.float64)})
+    return pd.DataFrame({**columns, "m_true": m_true.astype(np.float64), **kept})
+
+
+def keep_sources(path: str, kind: str, names) -> dict[str, str]:
+    """{name asked with --keep: the column of `path` that holds it}: a Parquet column (or its alias: m for am)
+    or an HDF5 /labels entry. Checked before any image is read; a missing one is one line naming the file and
+    the columns it has."""
+    if not names:
+        return {}
+    if kind == "hdf5":
+        with open_for_reading(path) as f:
+            present = sorted(f["labels"])
+    else:
+        schema = pq.read_schema(path)
+        present = [n for n in schema.names if not pa.types.is_list(schema.field(n).type)]   # not the images
+    sources = {}
+    for name in names:
+        candidates = [name, *COLUMN_ALIASES.get(name, ()),
+                      *(canon for canon, aliases in COLUMN_ALIASES.items() if name in aliases)]
+        found = next((c for c in candidates if c in present), None)
+        if found is None:
+            what = "labels" if kind == "hdf5" else "columns"
+            raise PredictError(f"{path}: no column {name!r} to --keep; its {what}: {', '.join(present)}")
+        sources[name] = found
+    return sources
 
 
 def _write_table(df: pd.DataFrame, out: Path, meta: dict) -> None:
@@ -332,11 +367,14 @@ def predict(config: PredictConfig, *, progress: bool = False, stop: StopFlag | N
 @device_option
 @amp_option
 @workers_option("DataLoader workers (HDF5 inputs).")
+@click.option("--keep", "keep", multiple=True, metavar="COL[,COL...]",
+              help="Copy these input columns into the output, row for row: Parquet scalar columns, or HDF5 "
+                   "labels (e.g. pt,ieta,iphi or an event id); repeatable.")
 @click.option("--tta", is_flag=True,
               help="Average the model over the four eta/phi flips of each image (4x the compute).")
 @force_option("Replace --out if it exists.")
 def main(args, out, onnx, split, cuts, extra_cuts, clip, chunk_size, batch_size, device, amp, workers,
-         force, tta):
+         force, keep, tta):
     """Predict the mass of every row of INPUT (raw Parquet or converted HDF5) with CHECKPOINT, or with the
     exported MODEL.onnx given by --onnx.
 
@@ -350,7 +388,7 @@ def main(args, out, onnx, split, cuts, extra_cuts, clip, chunk_size, batch_size,
     config = PredictConfig(checkpoint=checkpoint, onnx=onnx, inputs=inputs, out=out, split=split, cuts=cuts,
                            extra_cuts=tuple(extra_cuts), clip=clip, chunk_size=chunk_size,
                            batch_size=batch_size, device=device, amp=amp, workers=workers, force=force,
-                           tta=tta)
+                           tta=tta, keep=tuple(c.strip() for k in keep for c in k.split(",") if c.strip()))
     with exit_on_interrupt(f"prediction to {out}"), stop_on_signals() as stop:
         with user_errors():
             df = predict(config, progress=sys.stderr.isatty(), stop=stop)

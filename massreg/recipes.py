@@ -17,7 +17,8 @@ The lowest room of the trainer: it imports only the model registry.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import json
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -71,6 +72,8 @@ class TrainConfig:
     max_train_samples: int | None = None
     eval_every: int = 1
     checkpoint_every_minutes: float = 0.0  # also write last.pt inside an epoch this often; 0: at epoch ends
+    tensorboard: bool = False         # event files under RUN/tensorboard (rank 0)
+    config_from: str | None = None    # --config: the config.json this run's settings were taken from
     resume: str | None = None
     force: bool = False
 
@@ -101,7 +104,7 @@ CHOICES = {"recipe": tuple(RECIPES), "optimizer": ("adam", "adamw"),
 # Options that may change when a run is resumed: they change where and how fast it runs, not what it computes
 # (epochs may grow; with a cosine schedule that stretches the remaining decay).
 RESUME_MUTABLE = {"device", "amp", "compile", "workers", "eval_every", "epochs", "resume", "force", "run_dir",
-                  "data", "checkpoint_every_minutes"}
+                  "data", "checkpoint_every_minutes", "tensorboard"}
 
 
 def build_config(recipe: str = "default", **overrides) -> TrainConfig:
@@ -123,6 +126,34 @@ def build_config(recipe: str = "default", **overrides) -> TrainConfig:
     return config
 
 
+# Fields of a stored config.json that belong to that run, not to its settings (--config does not take them).
+RUN_SPECIFIC = ("run_dir", "resume", "force", "overrides", "recipe", "config_from")
+
+
+def config_from_run(path: str | Path, *, data=(), **typed) -> TrainConfig:
+    """A new run's config from a previous run's config.json (`--config`): every setting of that run, then the
+    options in `typed` on top, the data files of that run unless `data` is given; config_from records the
+    file. ConfigError (one line) for a file that is not a run's config.json."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--config {path}: cannot read it as JSON ({exc})") from None
+    stored = doc.get("train") if isinstance(doc, dict) else None
+    if not isinstance(stored, dict):
+        raise ConfigError(f"--config {path}: not a massreg run's config.json (it has no 'train' section)")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(stored) - known)
+    if unknown:
+        raise ConfigError(f"--config {path}: options this massreg does not know: {', '.join(unknown)} (a run "
+                          "of a newer version?)")
+    base = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k not in RUN_SPECIFIC}
+    if data:
+        base["data"] = tuple(data)
+    config = build_config(stored.get("recipe", "default"), **{**base, **typed})
+    explicit = set(stored.get("overrides") or ()) | {k for k in typed if k not in ("run_dir", "force")}
+    return replace(config, overrides=tuple(sorted(explicit)), config_from=str(path))
+
+
 def check_config(c: TrainConfig) -> None:
     """Check option values and combinations before any work starts (ConfigError, one line)."""
     for name, allowed in CHOICES.items():
@@ -142,6 +173,8 @@ def check_config(c: TrainConfig) -> None:
         raise ConfigError("warmup_fraction must be in [0, 1) and min_lr_ratio in [0, 1]")
     if c.max_train_samples is not None and c.max_train_samples < 1:
         raise ConfigError(f"--max-train-samples must be >= 1, got {c.max_train_samples}")
+    if c.resume and c.config_from:
+        raise ConfigError("--resume continues a run with its settings, --config starts a new one: give one")
     if c.resume and c.force:
         raise ConfigError("--resume continues a run and --force starts it afresh: give one of them")
     if c.resume and c.run_dir and Path(c.run_dir).resolve() != Path(c.resume).resolve():

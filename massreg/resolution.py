@@ -12,8 +12,10 @@ prior an honest estimate leans inward, and the coverage there is expected to fal
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from massreg.metrics import binned_metrics, quantile_metrics, resolution_quantiles
+from massreg.optim import QUANTILES
 
 PT_BINS = 4          # pT: quartiles of the evaluated jets
 
@@ -66,3 +68,19 @@ def _bin_lines(rows: list[dict], label: str, unit: str, quantiles: bool) -> list
                      f"{f(r['response'], '9.3f')} {f(r['resolution'], '10.3f')}"
                      + (f" {f(r['coverage'], '9.3f')} {f(r['pull_width'], '6.2f')}" if quantiles else ""))
     return lines
+
+
+@torch.no_grad()
+def calibrate(head: torch.nn.Module, out: dict) -> None:
+    """Scale a QuantileHead's widths so that 16 % of the val jets fall below q16 and 16 % above q84.
+
+    out: the val predictions (GeV), made with the head's current factors. A jet is below q16 when
+    (pred - true) / (pred - q16) > 1; the 84th percentile of that ratio is the factor that puts 16 % there
+    (the same for q84), applied on top of the current one. Under DDP every rank has the gathered predictions,
+    so every rank sets the same factors. Clipped to [0.1, 10]: one odd validation cannot wreck the widths."""
+    pred, true = out["pred"], out["true"]                             # (N,) GeV each
+    below = (pred - true) / np.maximum(pred - out["q16"], 1e-9)      # (N,) > 1: true under q16
+    above = (true - pred) / np.maximum(out["q84"] - pred, 1e-9)      # (N,) > 1: true over q84
+    factors = np.clip([np.quantile(below, QUANTILES[1]), np.quantile(above, QUANTILES[1])], 0.1, 10.0)
+    cal = head.calibration
+    cal.mul_(torch.as_tensor(factors, dtype=cal.dtype, device=cal.device))

@@ -96,7 +96,7 @@ def summary_line(row: dict, epochs: int) -> str:
 
 
 def make_plots(run: Path, history: list[dict], raw_model, val_set, c: TrainConfig, *, normalizer, target,
-               aux_scaler, device, echo) -> None:
+               aux_scaler, device, echo) -> list[Path]:
     """Loss curves, and val predictions of best_val_loss.pt (reloaded, so a resumed run plots the same)."""
     out = run / "plots"
     paths = [plots.plot_history(run / "metrics.csv", out / "history.png")]
@@ -112,3 +112,4 @@ def make_plots(run: Path, history: list[dict], raw_model, val_set, c: TrainConfi
         label = f"val, best_val_loss.pt epoch {best['epoch']}"
         paths += plots.plot_predictions(pred["pred"], pred["true"], out, "val", label=label)
     echo(f"plots: {', '.join(str(p) for p in paths)}")
+    return paths

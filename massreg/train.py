@@ -21,7 +21,8 @@ from click.core import ParameterSource
 
 from massreg.cli import amp_option, batch_size_option, command, device_option, force_option, user_errors, \
     workers_option
-from massreg.recipes import CHOICES, DEFAULT_LR, PATCH_PRESETS, RECIPES, build_config
+from massreg.recipes import (CHOICES, DEFAULT_LR, PATCH_PRESETS, RECIPES, ConfigError, build_config,
+                             config_from_run)
 from massreg.registry import PRESETS, describe
 from massreg.trainer import train
 from pipeline.signals import exit_on_interrupt
@@ -67,6 +68,12 @@ from pipeline.signals import exit_on_interrupt
 @amp_option
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @workers_option("Reader processes (persistent DataLoader workers); 0: reader threads in this process.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True),
+              help="Start a new run with the settings of RUN/config.json (a previous run's); options given "
+                   "here override them, DATA replaces its data files.")
+@click.option("--tensorboard", is_flag=True,
+              help="Also write TensorBoard event files to RUN/tensorboard: per-step loss and learning rate, "
+                   "per-epoch metrics, val plots (needs pip install 'massreg[tensorboard]').")
 @click.option("--resume", type=click.Path(file_okay=False, exists=True),
               help="Continue RUN_DIR from last.pt (from the step it was written at, inside an epoch or not).")
 @click.option("--checkpoint-every-minutes", type=float,
@@ -78,7 +85,7 @@ from pipeline.signals import exit_on_interrupt
 @click.option("--eval-every", type=int, default=1, show_default=True,
               help="Validate every N epochs (and last).")
 @click.pass_context
-def main(ctx, data, recipe, **_):
+def main(ctx, data, recipe, config_path, **_):
     """Train a mass regressor (--model) on DATA.h5 (several files = shards of one data set).
 
     SIGTERM, SIGHUP or SIGUSR1 (a batch system's time limit or preemption) end the run after the step in
@@ -89,10 +96,15 @@ def main(ctx, data, recipe, **_):
     # Only what the user typed overrides the recipe (and, under --resume, is checked against the run);
     # the click defaults of the other options equal TrainConfig's.
     typed = {("compile" if n == "compile_" else n): v for n, v in ctx.params.items()
-             if n not in ("data", "recipe") and ctx.get_parameter_source(n) in
+             if n not in ("data", "recipe", "config_path") and ctx.get_parameter_source(n) in
              (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
     with user_errors():
-        config = build_config(recipe, data=data, **typed)
+        if config_path is None:
+            config = build_config(recipe, data=data, **typed)
+        elif ctx.get_parameter_source("recipe") == ParameterSource.COMMANDLINE:
+            raise ConfigError("--recipe with --config: the config sets every option; override single options")
+        else:
+            config = config_from_run(config_path, data=data, **typed)
         if config.resume and ctx.get_parameter_source("recipe") == ParameterSource.COMMANDLINE:
             config = replace(config, overrides=(*config.overrides, "recipe"))  # checked against the run's
         run = config.resume or config.run_dir or "a new run"

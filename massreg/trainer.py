@@ -30,16 +30,19 @@ from massreg import engine
 from massreg.dataset import H5Images
 from massreg.distributed import Dist, broadcast, gather_predictions, setup_distributed
 from massreg.metrics import regression_metrics
-from massreg.optim import QUANTILES, loss_fn, lr_at, make_optimizer, objective
+from massreg.optim import loss_fn, lr_at, make_optimizer, objective
 from massreg.prefetch import DevicePrefetcher, ThreadReader, WorkerReader
 from massreg.recipes import AUX_NAMES, RESUME_MUTABLE, ConfigError, TrainConfig, check_config
 from massreg.registry import ModelConfig, build_model, model_config
+from massreg.resolution import calibrate
 from massreg.reweight import describe as reweight_summary
 from massreg.reweight import flat_weights
 from massreg.rundir import (check_run_dir, count_params, default_run_dir, human_count, make_plots,
                             prepare_run_dir, summary_line, write_metrics_csv, write_or_fail)
 from massreg.sampling import EpochBatches, make_loader
+from massreg.plots import figure_pred_vs_true
 from massreg.stopping import EpochProgress, StepGate
+from massreg.tensorboard_log import TensorBoardLog
 from massreg.transforms import AuxScaler, Normalizer, TargetScaler
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text
@@ -84,6 +87,7 @@ class RunState:
     best: dict                      # val_loss, val_mre and the epochs they were reached at
     history: list[dict]             # one metrics row per completed epoch
     progress: EpochProgress | None = None  # of epoch s.epoch + 1, when last.pt was written inside it
+    tb: TensorBoardLog | None = None       # --tensorboard, on rank 0
 
     @property
     def run_dir(self) -> Path:
@@ -296,6 +300,9 @@ def train_epoch(s: RunState, gate: StepGate) -> dict | None:
             loss_sum, count = loss_sum + point_value * n, count + n      # train_loss: the point loss
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / count:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if s.tb is not None:
+                s.tb.step(s.step, {"train/loss": point_value, "train/lr": lr,
+                                   **({"train/objective": loss_value} if head is not None else {})})
             stop, due = gate.poll()
             # A save due at the epoch's last batch waits for the epoch's own checkpoint, a moment later.
             if stop or (due and i + 1 < s.steps_per_epoch):
@@ -342,27 +349,13 @@ def val_metrics(s: RunState) -> dict:
     z_pred = torch.from_numpy((out["pred"] - data.target.mean) / data.target.std)
     z_true = torch.from_numpy((out["true"] - data.target.mean) / data.target.std)
     metrics = regression_metrics(out["pred"], out["true"])
-    calibrate_quantiles(s, out)
+    if s.raw_model.quantile_head is not None:
+        calibrate(s.raw_model.quantile_head, out)
+    if s.tb is not None:
+        fig = figure_pred_vs_true(out["pred"], out["true"], f" (val, epoch {s.epoch})")
+        s.tb.figure(s.step, "val/pred_vs_true", fig)
     return {"val_loss": float(loss_fn(s.config, z_pred, z_true)), "val_mae": metrics["mae"],
             "val_mre": metrics["mre"], "val_resolution": metrics["resolution"]}
-
-
-def calibrate_quantiles(s: RunState, out: dict) -> None:
-    """Scale the quantile head's widths so that 16 % of the val jets fall below q16 and 16 % above q84.
-
-    out: the val predictions (GeV), made with the current factors. A jet is below q16 when
-    (pred - true) / (pred - q16) > 1; the 84th percentile of that ratio is the factor that puts 16 % there
-    (the same for q84), applied on top of the current one. Every rank has the gathered predictions, so every
-    rank sets the same factors. Clipped to [0.1, 10]: one odd validation cannot wreck the widths."""
-    head = s.raw_model.quantile_head
-    if head is None:
-        return
-    pred, true = out["pred"], out["true"]                             # (N,) GeV each
-    below = (pred - true) / np.maximum(pred - out["q16"], 1e-9)      # (N,) > 1: true under q16
-    above = (true - pred) / np.maximum(out["q84"] - pred, 1e-9)      # (N,) > 1: true over q84
-    factors = np.clip([np.quantile(below, QUANTILES[1]), np.quantile(above, QUANTILES[1])], 0.1, 10.0)
-    head.calibration.mul_(torch.as_tensor(factors, dtype=head.calibration.dtype,
-                                          device=head.calibration.device))
 
 
 def validate_and_rank(s: RunState, row: dict) -> tuple[bool, bool]:
@@ -466,6 +459,8 @@ def train(config: TrainConfig, *, stop_after_epochs: int | None = None, echo=cli
         data = open_data(config, ckpt, d)
         s = build_state(config, data, ckpt, d)
         write_run_config(s, new_run=ckpt is None)
+        if config.tensorboard and d.main:   # a resumed run hides what the stopped one logged past last.pt
+            s.tb = TensorBoardLog(s.run_dir, purge_step=s.step + 1 if ckpt is not None else None)
         n_params = human_count(count_params(s.raw_model))
         if data.weights is not None:
             say(f"--reweight flat: {reweight_summary(data.weights)}")
@@ -485,8 +480,12 @@ def train(config: TrainConfig, *, stop_after_epochs: int | None = None, echo=cli
             return {"run_dir": str(s.run_dir), "best": s.best, "history": s.history, "epoch": s.epoch,
                     "config": config, "stopped": stopped}
         if d.main and s.epoch >= config.epochs:
-            make_plots(s.run_dir, s.history, s.raw_model, data.val_set, config, normalizer=data.normalizer,
-                       target=data.target, aux_scaler=data.aux_scaler, device=d.device, echo=say)
+            paths = make_plots(s.run_dir, s.history, s.raw_model, data.val_set, config,
+                               normalizer=data.normalizer, target=data.target, aux_scaler=data.aux_scaler,
+                               device=d.device, echo=say)
+            if s.tb is not None:
+                for path in paths or ():
+                    s.tb.image(s.step, f"plots/{path.stem}", path.read_bytes())
         if d.world > 1:
             dist.barrier()
         return {"run_dir": str(s.run_dir), "best": s.best, "history": s.history, "epoch": s.epoch,
@@ -494,6 +493,8 @@ def train(config: TrainConfig, *, stop_after_epochs: int | None = None, echo=cli
     finally:
         if s is not None:
             s.feed.close()
+            if s.tb is not None:
+                s.tb.close()
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -513,6 +514,8 @@ def run_epochs(s: RunState, stop_after_epochs: int | None, say) -> int | None:
             better_loss, better_mre = validate_and_rank(s, row)
             s.history.append(row)
             save_epoch(s, row, better_loss, better_mre, say)
+            if s.tb is not None:
+                s.tb.epoch(s.step, row)
             gate.saved()
             if gate.poll()[0]:   # a signal during validation or the checkpoint: stop at the epoch's end
                 return gate.signum
