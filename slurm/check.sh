@@ -156,7 +156,7 @@ EOF
 : > "$W/plugstack.conf"
 export SLURM_CONF=$W/slurm.conf
 slurmctld -D -f "$SLURM_CONF" >"$W/log/slurmctld.out" 2>&1 &
-CTLD_PID=$!; PIDS+=($CTLD_PID)
+CTLD_PID=$!; PIDS+=("$CTLD_PID")
 slurmd -D -f "$SLURM_CONF" >"$W/log/slurmd.out" 2>&1 &
 PIDS+=($!)
 t=$((SECONDS + 60))
