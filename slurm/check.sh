@@ -12,16 +12,23 @@
 #   (b) the same with a user's `scancel --signal=USR1 --batch` in place of the time limit;
 #   (c) a finished training is not requeued: (a) and (b) end COMPLETED after as many requeues as stops, and a
 #       resubmission of (a)'s finished RUN, warned just after its trainer exited 0, ends COMPLETED with no
-#       requeue and the run unchanged.
+#       requeue and the run unchanged;
+#   (e) NPROC=2: two training processes under torchrun (gloo), warned by hand, requeued, COMPLETED, equal to an
+#       uninterrupted 2-process torchrun run (no Slurm);
+#   (f) Slurm's own stops: a plain scancel (CANCELLED, the trainer stopped at a step), a resubmission with the
+#       same RUN, an external `scontrol requeue` (the script does not requeue too), COMPLETED, equal.
 # Each equality checked is printed ("equal: ..."). On exit (success, failure or Ctrl-C) the jobs are cancelled,
 # the daemons it started are stopped by their process ids, and the temporary directory is removed
-# (KEEP=1 keeps it, for the logs). Environment: ROWS (per generated file, 2 files) [1200], EPOCHS [50].
+# (KEEP=1 keeps it, for the logs). Environment: ROWS (per generated file, 2 files) [1200], EPOCHS [50] for
+# (a)-(c), EPOCHS2 [8] for (e) and (f), CRED_EXPIRE [10] (Slurm's default, 120, is the real requeue hold).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PY:-$REPO/.venv/bin/python}
 ROWS=${ROWS:-1200}
 EPOCHS=${EPOCHS:-50}
+EPOCHS2=${EPOCHS2:-8}
+CRED_EXPIRE=${CRED_EXPIRE:-10}
 START=$SECONDS
 STAMP() { printf '[%4ds]' $((SECONDS - START)); }
 log() { echo "slurm-check $(STAMP) $*"; }
@@ -76,7 +83,9 @@ cleanup() {
         wait "$pid" 2>/dev/null
     done
     [ ${#PIDS[@]} -gt 0 ] && log "stopped the daemons we started (pids ${PIDS[*]})"
-    if [ -n "${REF_PID:-}" ] && kill -0 "$REF_PID" 2>/dev/null; then kill -TERM "$REF_PID"; wait "$REF_PID"; fi
+    for pid in ${REF_PID:-} ${REF1_PID:-}; do   # the reference trainings, if a failure left them running
+        if kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid"; wait "$pid"; fi
+    done
     if [ "${KEEP:-0}" = 1 ]; then log "kept $W"; else rm -rf "$W"; fi
     log "total $((SECONDS - START)) s; exit status $rc"
     exit $rc
@@ -91,7 +100,8 @@ dd if=/dev/urandom of="$W/munge-key/munge.key" bs=1024 count=1 status=none
 chmod 400 "$W/munge-key/munge.key"
 MUNGE_SOCKET=$W/munge/munge.sock
 munged --foreground --force --socket="$MUNGE_SOCKET" --key-file="$W/munge-key/munge.key" \
-    --pid-file="$W/munge/munged.pid" --log-file="$W/log/munged.log" --seed-file="$W/munge-key/munged.seed" &
+    --pid-file="$W/munge/munged.pid" --log-file="$W/log/munged.log" --seed-file="$W/munge-key/munged.seed" \
+    >"$W/log/munged.out" 2>&1 &
 PIDS+=($!)
 
 # Two free TCP ports for slurmctld and slurmd (not 6817/6818: a real Slurm may be running here).
@@ -112,9 +122,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# cred_expire: also how long a requeued job is held before it may start again (BeginTime); 120 s by default,
-# which would make every requeue cycle here take over two minutes.
-AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
+# cred_expire: also how long a requeued job is held before it may start again (BeginTime = requeue + cred_expire
+# + 1 s); 120 s by default, which would make every requeue cycle here take over two minutes.
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=$CRED_EXPIRE
 StateSaveLocation=$W/state
 SlurmdSpoolDir=$W/spool
 SlurmctldPidFile=$W/slurmctld.pid
@@ -137,6 +147,7 @@ KillWait=30
 MinJobAge=3600
 ReturnToService=2
 JobCompType=jobcomp/none
+MailProg=/bin/true
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$NCPU RealMemory=1000 State=UNKNOWN
@@ -145,7 +156,7 @@ EOF
 : > "$W/plugstack.conf"
 export SLURM_CONF=$W/slurm.conf
 slurmctld -D -f "$SLURM_CONF" >"$W/log/slurmctld.out" 2>&1 &
-CTLD_PID=$!; PIDS+=($CTLD_PID)
+CTLD_PID=$!; PIDS+=("$CTLD_PID")
 slurmd -D -f "$SLURM_CONF" >"$W/log/slurmd.out" 2>&1 &
 PIDS+=($!)
 t=$((SECONDS + 60))
@@ -187,6 +198,42 @@ no_kill() {   # OUTPUT: the stop never degenerated into SIGKILL
         die "$1: a training step was killed (see the lines above)"
     fi
     log "$(basename "$1"): no 'forcing job termination', no SIGKILL"
+}
+
+holds() {   # OUTPUT: from each requeue to the next start, by the script's own time stamps
+    "$PY" - "$1" <<'EOF'
+import re, sys
+from datetime import datetime
+stamp = re.compile(r"^train\.sbatch \[([0-9-]+ [0-9:]+)\]")
+requeued = None
+for line in open(sys.argv[1], errors="replace"):
+    m = stamp.match(line)
+    if not m:
+        continue
+    t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")
+    if "requeueing (RUN=" in line:
+        requeued = t
+    elif "): RUN=" in line and requeued is not None:
+        print(f"    requeued at {requeued:%H:%M:%S}, running again at {t:%H:%M:%S}: "
+              f"{(t - requeued).total_seconds():.0f} s")
+        requeued = None
+EOF
+}
+verify_job() {   # NAME JOBID REFDIR: stopped inside an epoch, requeued once per stop, COMPLETED, equal to REFDIR
+    local name=$1 id=$2 ref=$3 out=$1-$2.out stops inside requeues
+    stops=$(grep -cE "interrupted by SIG[A-Z0-9]+ (inside|after) epoch" "$out" || true)
+    inside=$(grep -cE "interrupted by SIG[A-Z0-9]+ inside epoch" "$out" || true)
+    requeues=$(grep -c "requeueing (RUN=" "$out" || true)
+    log "($name) job $id: $stops stop(s) by the trainer ($inside inside an epoch), $requeues requeue(s):"
+    grep -E "SIGUSR1|interrupted by|exit statuses|requeueing|training finished" "$out" | sed 's/^/    /' | cut -c1-230
+    holds "$out"
+    [ "$stops" -ge 1 ] || die "($name) the training was never stopped by the warning"
+    [ "$inside" -ge 1 ] || die "($name) no stop inside an epoch (the warning came between epochs each time)"
+    [ "$requeues" = "$stops" ] || die "($name) $stops stops but $requeues requeues"
+    expect_completed "$id" "$requeues"
+    grep -q "training finished: job ends COMPLETED" "$out" || die "($name) no 'training finished' line"
+    no_kill "$out"
+    "$PY" "$REPO/slurm/check_equal.py" runs "$ref" "runs/$name"
 }
 
 cd "$W/work"
@@ -239,23 +286,9 @@ wait "$REF_PID" || { cat ref.out; die "the reference run failed"; }
 REF_PID=
 log "reference run done: $(grep -c '^epoch ' ref.out) epochs"
 
-for job in "a $A" "b $B"; do
-    read -r name id <<<"$job"
-    out=$name-$id.out
-    stops=$(grep -c "interrupted by SIG[A-Z0-9]* inside epoch\|interrupted by SIG[A-Z0-9]* after epoch" "$out" || true)
-    inside=$(grep -c "interrupted by SIG[A-Z0-9]* inside epoch" "$out" || true)
-    requeues=$(grep -c "requeueing (RUN=" "$out" || true)
-    log "($name) job $id: $stops stop(s) by the trainer ($inside inside an epoch), $requeues requeue(s); the stops:"
-    grep -E "SIGUSR1|interrupted by|requeueing|training finished" "$out" | sed 's/^/    /' | cut -c1-220
-    [ "$stops" -ge 1 ] || die "($name) the training was never stopped by the warning"
-    [ "$inside" -ge 1 ] || die "($name) no stop inside an epoch (the warning came between epochs each time)"
-    [ "$requeues" = "$stops" ] || die "($name) $stops stops but $requeues requeues"
-    expect_completed "$id" "$requeues"
-    grep -q "training finished: job ends COMPLETED" "$out" || die "($name) no 'training finished' line"
-    no_kill "$out"
-    "$PY" "$REPO/slurm/check_equal.py" runs ref "runs/$name"
-done
-grep -h "time left" "a-$A.out" | sed 's/.*(time left \(.*\))/    (a) the warning came with \1 left (asked: 0:30 before the limit)/'
+verify_job a "$A" ref
+verify_job b "$B" ref
+grep -h "time left: " "a-$A.out" | sed 's/.*time left: \(.*\)/    (a) the warning came with \1 left (asked: 0:30 before the limit)/'
 
 # ---------------------------------------------------------------- (c) a finished training is not requeued
 cp runs/a/metrics.csv a-metrics.before
@@ -278,6 +311,63 @@ cmp -s a-metrics.before runs/a/metrics.csv || die "(c) metrics.csv changed"
 [ "$(md5sum runs/a/last.pt | cut -d' ' -f1)" = "$sum_before" ] || die "(c) last.pt changed"
 log "equal: (c) runs/a/metrics.csv and last.pt unchanged (byte for byte) by the resubmission; no epoch trained"
 "$PY" "$REPO/slurm/check_equal.py" runs ref runs/a >/dev/null
+
+# ---------------------------------------------------------------- (e) two training processes, (f) Slurm's stops
+TRAIN2=("${SHARDS[@]}" --model tiny --epochs "$EPOCHS2" --device cpu)
+log "(e) reference: torchrun --standalone --nproc_per_node=2 -m massreg.train ${TRAIN2[*]} (gloo, no Slurm)"
+log "(f) reference: python -m massreg.train ${TRAIN2[*]} (no Slurm); both in the background"
+"$PY" -m torch.distributed.run --standalone --nproc_per_node=2 -m massreg.train "${TRAIN2[@]}" --run-dir ref2 \
+    >ref2.out 2>&1 &
+REF_PID=$!
+"$PY" -m massreg.train "${TRAIN2[@]}" --run-dir ref1 >ref1.out 2>&1 &
+REF1_PID=$!
+E=$(RUN=runs/e NPROC=2 PYTHON=$PY sbatch --parsable --cpus-per-task=2 --job-name=e --time=30 \
+    "$REPO/slurm/train.sbatch" "${TRAIN2[@]}")
+log "(e) job $E: NPROC=2 --cpus-per-task=2, warned by hand inside epoch 3"
+wait_for_line "e-$E.out" '^epoch 2/' 300
+sleep 0.5
+log "(e) scancel --signal=USR1 --batch $E"
+scancel --signal=USR1 --batch "$E"
+wait_end "$E" 900
+wait "$REF_PID" || { cat ref2.out; die "the 2-process reference run failed"; }
+REF_PID=
+grep -q "exit statuses: 143 143" "e-$E.out" || die "(e) the two ranks did not both stop with 143"
+verify_job e "$E" ref2
+
+# (f) What Slurm does by itself, not guaranteed to stop at a step (srun kills the step KillWait + 2 s after
+# Slurm's SIGTERM) but measured to: a plain scancel (CANCELLED; resubmitted with the same RUN it continues),
+# then an external `scontrol requeue` (a preemption stand-in: Slurm requeues, the script must not).
+F1=$(RUN=runs/f PYTHON=$PY sbatch --parsable --cpus-per-task=1 --job-name=f1 --time=30 \
+    "$REPO/slurm/train.sbatch" "${TRAIN2[@]}")
+wait_for_line "f1-$F1.out" '^epoch 2/' 300
+sleep 0.5
+log "(f) job $F1: plain scancel $F1 inside epoch 3"
+scancel "$F1"
+wait_end "$F1" 300
+[ "$(job_field "$F1" JobState)" = CANCELLED ] || die "(f) job $F1 ended $(job_field "$F1" JobState), not CANCELLED"
+grep -E "interrupted by|exit statuses|Slurm ended" "f1-$F1.out" | sed 's/^/    /' | cut -c1-230
+grep -qE "interrupted by SIGTERM inside epoch" "f1-$F1.out" && grep -q "exit statuses: 143" "f1-$F1.out" \
+    || die "(f) the plain scancel did not stop the training at a step"
+log "(f) job $F1 CANCELLED, the trainer stopped at a step (exit 143); resubmitted with the same RUN=runs/f:"
+F2=$(RUN=runs/f PYTHON=$PY sbatch --parsable --cpus-per-task=1 --job-name=f2 --time=30 \
+    "$REPO/slurm/train.sbatch" "${TRAIN2[@]}")
+wait_for_line "f2-$F2.out" '^epoch 5/' 300
+sleep 0.5
+log "(f) job $F2: scontrol requeue $F2 (from outside, as a preemption would) inside epoch 6"
+t0=$SECONDS
+scontrol requeue "$F2"
+t=$((SECONDS + 120))
+until [ "$(job_field "$F2" JobState)" = PENDING ]; do [ $SECONDS -lt $t ] || die "(f) job $F2 not PENDING"; sleep 0.2; done
+log "(f) job $F2 PENDING $((SECONDS - t0)) s after the requeue (the script did not hold it up)"
+wait_end "$F2" 600
+wait "$REF1_PID" || { cat ref1.out; die "the (f) reference run failed"; }
+REF1_PID=
+grep -E "RUN=|interrupted by|exit statuses|Slurm ended|requeueing|training finished" "f2-$F2.out" | sed 's/^/    /' \
+    | cut -c1-230
+grep -q "requeueing (RUN=" "f2-$F2.out" && die "(f) the script requeued a job that Slurm was requeueing"
+[ "$(grep -c "interrupted by SIGTERM inside epoch" "f2-$F2.out")" = 1 ] || die "(f) no stop at a step"
+expect_completed "$F2" 1
+"$PY" "$REPO/slurm/check_equal.py" runs ref1 runs/f
 
 # ---------------------------------------------------------------- the machine as we found it
 [ "$(etc_snapshot)" = "$ETC_BEFORE" ] || die "/etc/slurm or /etc/munge changed"
