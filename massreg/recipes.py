@@ -146,7 +146,11 @@ def config_from_run(path: str | Path, *, data=(), **typed) -> TrainConfig:
     if unknown:
         raise ConfigError(f"--config {path}: options this massreg does not know: {', '.join(unknown)} (a run "
                           "of a newer version?)")
-    base = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k not in RUN_SPECIFIC}
+    # An option the file lacks was added after that run: its dataclass default is what that run did (a
+    # point-only model, no weights), not the recipe's value of today.
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    base = {k: tuple(v) if isinstance(v, list) else v for k, v in {**defaults, **stored}.items()
+            if k not in RUN_SPECIFIC}
     if data:
         base["data"] = tuple(data)
     config = build_config(stored.get("recipe", "default"), **{**base, **typed})

@@ -82,6 +82,14 @@ def test_a_run_from_another_runs_config_reproduces_it(tmp_path, data_file):
     assert run_cli(["--config", a / "config.json", "--run-dir", c, "--epochs", "1"]).exit_code == 0
     stored_c = json.loads((c / "config.json").read_text())["train"]
     assert stored_c["epochs"] == 1 and stored_c["lr"] == 3e-4 and "epochs" in stored_c["overrides"]
+    # a config.json from before an option existed: the option's old behaviour, not today's recipe value
+    from massreg.recipes import config_from_run
+
+    old = json.loads((a / "config.json").read_text())
+    del old["train"]["quantiles"], old["train"]["reweight"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    config = config_from_run(tmp_path / "old.json", run_dir=str(tmp_path / "d"))
+    assert config.quantiles is False and config.reweight == "none" and config.lr == 3e-4
 
 
 def test_config_errors_are_one_line(tmp_path, data_file):
