@@ -58,3 +58,24 @@ def test_a_file_that_is_not_hdf5_still_says_so(tmp_path):
     bad.write_text("not hdf5 at all")
     with pytest.raises(LayoutError, match=r"not an HDF5 file .*re-run pipeline.convert"):
         H5Images(bad, "train")
+
+
+def test_a_truncated_file_is_one_line_naming_it(tmp_path):
+    """A copy cut short: either the file's own structures are missing (h5py cannot open it) or the images
+    end past the end of the file; both are one LayoutError line naming the file and what to do."""
+    from click.testing import CliRunner
+
+    from pipeline.inspect import main as inspect_main
+
+    data = make_file(tmp_path / "d.h5", 40, seed=2)
+    whole = data.read_bytes()
+    for keep in (len(whole) // 2, 1000):
+        cut = tmp_path / f"cut{keep}.h5"
+        cut.write_bytes(whole[:keep])
+        with pytest.raises(LayoutError) as err:
+            H5Images(cut, "train")
+        message = str(err.value)
+        assert str(cut) in message and "\n" not in message
+        assert "truncated" in message or "cut short" in message, message
+        result = CliRunner().invoke(inspect_main, [str(cut)])
+        assert result.exit_code == 1 and str(cut) in result.output and len(result.output.splitlines()) == 1
