@@ -26,6 +26,9 @@ class ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+# Knots of the width calibration in the predicted mass (equal-count groups of the val jets).
+CALIBRATION_KNOTS = 4
+
 # The narrowest width a QuantileHead gives, in standard deviations of the mass (~0.1 GeV on top data): far
 # below any resolution, far above float32's rounding of z.
 MIN_WIDTH = 1e-3
@@ -40,16 +43,19 @@ class QuantileHead(nn.Module):
     point estimate, and everything under it, is exactly what the same model without the head learns. The
     widths depend on z as well as on the features (the resolution varies with the mass by a factor ~3).
 
-    `calibration` (2,): factors on the lower and upper width, applied in eval mode only. The trainer measures
-    them on the val split after each validation: the pinball loss sees the residuals of jets the model was
-    trained on, which are narrower than those of jets it has not seen. They are saved with the weights.
+    Calibration, applied in eval mode only: factors on the lower and upper width as a function of z,
+    piecewise linear between `calibration_z` (K,) knots, `calibration` (K, 2) their values, constant beyond
+    the outer knots. The trainer fits them on the val split after each validation (resolution.calibrate):
+    the pinball loss sees the residuals of jets the model was trained on, narrower than those of jets it has
+    not seen, and by how much depends on the mass. They are saved with the weights and exported.
     """
 
     def __init__(self, dim: int, hidden: int = 64):
         super().__init__()
         self.net = nn.Sequential(nn.LayerNorm(dim + 1), nn.Linear(dim + 1, hidden), nn.GELU(),
                                  nn.Linear(hidden, 2))
-        self.register_buffer("calibration", torch.ones(2))
+        self.register_buffer("calibration_z", torch.zeros(CALIBRATION_KNOTS))
+        self.register_buffer("calibration", torch.ones(CALIBRATION_KNOTS, 2))
         self.init_weights()
 
     @torch.no_grad()
@@ -65,12 +71,21 @@ class QuantileHead(nn.Module):
         nn.init.trunc_normal_(last.weight, std=0.01, a=-0.02, b=0.02)
         nn.init.constant_(last.bias, math.log(math.expm1(0.5)))
 
+    def factors(self, z: torch.Tensor) -> torch.Tensor:
+        """(B,) z -> (B, 2) calibration factors: linear between the knots, constant outside. Written as a sum
+        of clamped ramps (Clip, Sub, Mul in ONNX), so the exported graph carries it too."""
+        knots, values = self.calibration_z, self.calibration                    # (K,), (K, 2)
+        gaps = (knots[1:] - knots[:-1]).clamp(min=1e-6)                         # (K - 1,)
+        slopes = (values[1:] - values[:-1]) / gaps.unsqueeze(-1)                # (K - 1, 2)
+        ramps = torch.minimum(torch.maximum(z.unsqueeze(-1), knots[:-1]), knots[1:]) - knots[:-1]   # (B, K-1)
+        return values[0] + ramps @ slopes                                       # (B, 2)
+
     def forward(self, features: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """features (B, D), z (B,) -> (B, 3) [q16, z, q84] in z's units."""
         h = torch.cat((features.detach(), z.detach().unsqueeze(-1)), dim=-1)     # (B, D + 1)
         width = F.softplus(self.net(h)) + MIN_WIDTH                               # (B, 2) > 0
         if not self.training:
-            width = width * self.calibration
+            width = width * self.factors(z.detach())
         centre = z.detach()
         if self.training:
             z = ContiguousGrad.apply(z)

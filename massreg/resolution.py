@@ -71,16 +71,24 @@ def _bin_lines(rows: list[dict], label: str, unit: str, quantiles: bool) -> list
 
 
 @torch.no_grad()
-def calibrate(head: torch.nn.Module, out: dict) -> None:
-    """Scale a QuantileHead's widths so that 16 % of the val jets fall below q16 and 16 % above q84.
+def calibrate(head: torch.nn.Module, out: dict, target) -> None:
+    """Fit a QuantileHead's width factors on the val predictions, as a function of the predicted mass, so that
+    16 % of the val jets fall below q16 and 16 % above q84 at every mass.
 
-    out: the val predictions (GeV), made with the head's current factors. A jet is below q16 when
-    (pred - true) / (pred - q16) > 1; the 84th percentile of that ratio is the factor that puts 16 % there
-    (the same for q84), applied on top of the current one. Under DDP every rank has the gathered predictions,
-    so every rank sets the same factors. Clipped to [0.1, 10]: one odd validation cannot wreck the widths."""
-    pred, true = out["pred"], out["true"]                             # (N,) GeV each
-    below = (pred - true) / np.maximum(pred - out["q16"], 1e-9)      # (N,) > 1: true under q16
-    above = (true - pred) / np.maximum(out["q84"] - pred, 1e-9)      # (N,) > 1: true over q84
-    factors = np.clip([np.quantile(below, QUANTILES[1]), np.quantile(above, QUANTILES[1])], 0.1, 10.0)
-    cal = head.calibration
-    cal.mul_(torch.as_tensor(factors, dtype=cal.dtype, device=cal.device))
+    out: the val predictions (GeV) made with the head's current factors; target: the TargetScaler (z units).
+    A jet is below q16 when (pred - true) / (pred - q16) > 1. Taking out the current factor gives that ratio
+    for the raw width; its 84th percentile in each of K equal-count groups of predicted z is the factor there,
+    at the group's median z (the knot). Under DDP every rank has the gathered predictions, so every rank fits
+    the same. Clipped to [0.1, 10]: one odd validation cannot wreck the widths."""
+    pred, true = out["pred"], out["true"]                                         # (N,) GeV each
+    z = torch.as_tensor((pred - target.mean) / target.std, dtype=torch.float32)   # (N,)
+    current = head.factors(z.to(head.calibration.device)).cpu().double().numpy()  # (N, 2)
+    below = (pred - true) / np.maximum(pred - out["q16"], 1e-9) * current[:, 0]  # (N,) > 1: under raw q16
+    above = (true - pred) / np.maximum(out["q84"] - pred, 1e-9) * current[:, 1]  # (N,) > 1: over raw q84
+    k = head.calibration.shape[0]
+    order = np.argsort(z.numpy(), kind="stable")
+    groups = np.array_split(order, k)                                             # K equal-count groups
+    knots = [float(np.median(z.numpy()[g])) for g in groups]
+    values = [[np.quantile(below[g], QUANTILES[1]), np.quantile(above[g], QUANTILES[1])] for g in groups]
+    head.calibration_z.copy_(torch.tensor(knots))
+    head.calibration.copy_(torch.as_tensor(np.clip(values, 0.1, 10.0), dtype=head.calibration.dtype))

@@ -350,7 +350,7 @@ def val_metrics(s: RunState) -> dict:
     z_true = torch.from_numpy((out["true"] - data.target.mean) / data.target.std)
     metrics = regression_metrics(out["pred"], out["true"])
     if s.raw_model.quantile_head is not None:
-        calibrate(s.raw_model.quantile_head, out)
+        calibrate(s.raw_model.quantile_head, out, s.data.target)
     if s.tb is not None:
         fig = figure_pred_vs_true(out["pred"], out["true"], f" (val, epoch {s.epoch})")
         s.tb.figure(s.step, "val/pred_vs_true", fig)

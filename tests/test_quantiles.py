@@ -60,7 +60,8 @@ def test_quantiles_never_cross_under_random_weights(preset):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 1.0)
-        model.quantile_head.calibration.copy_(torch.tensor([0.3, 4.0]))
+        model.quantile_head.calibration_z.copy_(torch.tensor([-2.0, 0.0, 0.5, 3.0]))
+        model.quantile_head.calibration.copy_(torch.tensor([[0.3, 4.0], [1.0, 0.1], [10.0, 1.0], [0.5, 0.5]]))
     x, aux = torch.randn(16, 2, 125, 125), torch.randn(16, 3)
     for mode in (True, False):
         model.train(mode)
@@ -116,7 +117,39 @@ def test_a_run_with_quantiles_trains_the_same_point_model(tmp_path, monkeypatch)
     b = pd.read_csv(tmp_path / "qTrue" / "metrics.csv")[cols]
     pd.testing.assert_frame_equal(a, b, check_exact=True)
     cal = runs[True]["model"]["quantile_head.calibration"]
-    assert not torch.equal(cal, torch.ones(2)) and (cal > 0).all()   # measured on val at each validation
+    assert not torch.equal(cal, torch.ones_like(cal)) and (cal > 0).all()   # fitted on val at each validation
+
+
+def test_calibration_fits_the_widths_as_a_function_of_the_predicted_mass():
+    """Widths too narrow by 2x at low predicted mass and too wide by 2x at high: after calibrate, 16 % of the
+    jets fall below q16 and 16 % above q84 in every group, and the factors follow the mass."""
+    from massreg.heads import QuantileHead
+    from massreg.resolution import calibrate
+    from massreg.transforms import TargetScaler
+
+    rng = np.random.default_rng(0)
+    n = 40_000
+    pred = rng.uniform(100, 500, n)
+    sigma = 0.1 * pred                                       # the true resolution
+    true = pred + sigma * rng.standard_normal(n)
+    claimed = sigma * np.where(pred < 300, 0.5, 2.0)        # what an uncalibrated head says
+    out = {"pred": pred, "true": true, "q16": pred - claimed, "q84": pred + claimed}
+    head = QuantileHead(8)
+    target = TargetScaler(mean=300.0, std=120.0)
+    calibrate(head, out, target)
+    z = torch.as_tensor((pred - 300.0) / 120.0, dtype=torch.float32)
+    f = head.factors(z).double().numpy()                     # (N, 2)
+    low, high = pred < 250, pred > 350
+    assert np.median(f[low], axis=0) == pytest.approx([2.0, 2.0], rel=0.1)
+    assert np.median(f[high], axis=0) == pytest.approx([0.5, 0.5], rel=0.1)
+    for sel in (low, high):
+        w_lo, w_hi = claimed[sel] * f[sel, 0], claimed[sel] * f[sel, 1]
+        assert np.mean(true[sel] < pred[sel] - w_lo) == pytest.approx(0.16, abs=0.02)
+        assert np.mean(true[sel] > pred[sel] + w_hi) == pytest.approx(0.16, abs=0.02)
+    # fitting again on outputs made with these factors changes nothing (the current factor is taken out)
+    before = head.calibration.clone()
+    calibrate(head, {**out, "q16": pred - claimed * f[:, 0], "q84": pred + claimed * f[:, 1]}, target)
+    torch.testing.assert_close(head.calibration, before, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
