@@ -1,7 +1,7 @@
 """TensorBoard event files for a run (`massreg.train --tensorboard`), under RUN/tensorboard/.
 
     log = TensorBoardLog(run_dir, purge_step=None)    # or the step a resumed run continues from
-    log.step(step, {"train/loss": ..., "train/lr": ...})
+    log.step(step, loss, lr, objective=None)          # train/loss, train/lr[, train/objective]
     log.epoch(step, row)                               # the metrics.csv row of an epoch, as epoch/<column>
     log.figure(step, "val/pred_vs_true", fig)          # a matplotlib Figure as an image
     log.close()
@@ -35,9 +35,12 @@ class TensorBoardLog:
         self.path = Path(run_dir) / FOLDER
         self.writer = SummaryWriter(log_dir=str(self.path), purge_step=purge_step)
 
-    def step(self, step: int, scalars: dict[str, float]) -> None:
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, step)
+    def step(self, step: int, loss: float, lr: float, *, objective: float | None = None) -> None:
+        """One optimizer step: the point loss, the learning rate and, with quantiles, the whole objective."""
+        self.writer.add_scalar("train/loss", loss, step)
+        self.writer.add_scalar("train/lr", lr, step)
+        if objective is not None:
+            self.writer.add_scalar("train/objective", objective, step)
 
     def epoch(self, step: int, row: dict) -> None:
         """A metrics.csv row (its non-empty numbers) as epoch/<column>, at the step the epoch ended."""

@@ -301,8 +301,7 @@ def train_epoch(s: RunState, gate: StepGate) -> dict | None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / count:.4f}", lr=f"{lr:.2e}", refresh=False)
             if s.tb is not None:
-                s.tb.step(s.step, {"train/loss": point_value, "train/lr": lr,
-                                   **({"train/objective": loss_value} if head is not None else {})})
+                s.tb.step(s.step, point_value, lr, objective=loss_value if head is not None else None)
             stop, due = gate.poll()
             # A save due at the epoch's last batch waits for the epoch's own checkpoint, a moment later.
             if stop or (due and i + 1 < s.steps_per_epoch):
