@@ -69,13 +69,7 @@ def channel_names(value) -> list[str]:
 def read_file(path: str, split: str | None, aux: Sequence[str]) -> tuple:
     """Check one file's layout and read its small parts: (meta, channels, stats, local rows (n,), m (n,),
     aux (n, K)); LayoutError (one line) for anything that is not the converter's layout."""
-    if not os.path.isfile(path):
-        raise LayoutError(f"{path}: no such file")
-    try:
-        f = layout.open_for_reading(path)
-    except OSError as err:
-        raise LayoutError(layout.open_failure(path, err)) from None
-    with f:
+    with layout.open_checked(path, LayoutError) as f:
         check_format(path, f)
         meta = image_meta(path, f)
         channels = file_channels(path, f, meta.shape[1])

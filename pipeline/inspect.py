@@ -56,13 +56,7 @@ def _tree(f: h5py.File) -> list[str]:
 def describe(path) -> str:
     """The text `python -m pipeline.inspect` prints."""
     path = Path(path)
-    if not path.is_file():
-        raise InspectError(f"{path}: no such file")
-    try:
-        f = layout.open_for_reading(path)
-    except OSError as exc:
-        raise InspectError(layout.open_failure(path, exc)) from None
-    with f:
+    with layout.open_checked(path, InspectError) as f:
         lines = _tree(f)
         if "split" in f:
             lines.append("")

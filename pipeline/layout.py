@@ -106,13 +106,23 @@ def open_for_reading(path: str | os.PathLike) -> h5py.File:
     converter renamed into place whole, so they need no lock, and taking one fails where another process holds
     one (a writer, a copy tool) or where the file system has no flock (some Lustre and NFS mounts).
 
-    OSError as h5py raises it; `open_failure` words it."""
+    OSError as h5py raises it; `open_checked` words it for a user."""
     return h5py.File(path, "r", locking=False)
 
 
-def open_failure(path: str | os.PathLike, exc: OSError) -> str:
-    """What an OSError from open_for_reading means, in one line: not HDF5 at all (reconvert), or a file that is
-    HDF5 but cannot be opened (permissions, a truncated or damaged file: the cause as h5py gives it)."""
+def open_checked(path: str | os.PathLike, error: type[Exception]) -> h5py.File:
+    """open_for_reading of a file a user named: `error` (the caller's one-line error class) when it does not
+    exist, is not HDF5 at all (reconvert), or is HDF5 but cannot be opened (permissions, a truncated or
+    damaged file: the cause as h5py gives it)."""
+    if not os.path.isfile(path):
+        raise error(f"{path}: no such file")
+    try:
+        return open_for_reading(path)
+    except OSError as exc:
+        raise error(_open_failure(path, exc)) from None
+
+
+def _open_failure(path: str | os.PathLike, exc: OSError) -> str:
     cause = " ".join(str(exc).split())
     try:
         is_hdf5 = h5py.is_hdf5(os.fspath(path))
@@ -120,5 +130,5 @@ def open_failure(path: str | os.PathLike, exc: OSError) -> str:
         is_hdf5 = False
     if not is_hdf5:
         return f"{path}: not an HDF5 file ({cause}); re-run pipeline.convert to write one"
-    return (f"{path}: an HDF5 file that cannot be read ({cause}); if it was cut short or damaged (a copy that "
-            "did not finish), copy it again or re-run pipeline.convert")
+    return (f"{path}: an HDF5 file that cannot be read ({cause}); if it was cut short or damaged (a copy "
+            "that did not finish), copy it again or re-run pipeline.convert")

@@ -261,7 +261,6 @@ def read_parquet_chunks(path, *, channels: Sequence[int | str] = (0, 1, 2, 3), c
     if threads < 1:
         raise ConvertError(f"threads {threads}: it must be at least 1")
     src = inspect_file(Path(path))
-    starts = src.group_starts
     if rows is None:
         wanted = np.arange(src.num_rows, dtype=np.int64)
     else:
