@@ -437,6 +437,11 @@ class DeepViT(nn.Module):
 
     def forward(self, img: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
         """img (B, C, H, W) float32, aux (B, num_aux) float32 or None -> (B,) float32."""
+        x, z = self.trunk(img, aux)                                           # (B, dim), (B,)
+        return z if self.quantile_head is None else self.quantile_head(x, z)  # (B,) or (B, 3)
+
+    def trunk(self, img: torch.Tensor, aux: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """img, aux as forward -> (features (B, dim): the normed cls token the heads read, point z (B,))."""
         check_inputs(self, img, aux)
         x = self.patch_norm(self.to_patches(img))                             # (B, P, p*p*C) or (B, P, w)
         x = self.embedding_norm(self.patch_to_embedding(x))                   # (B, P, dim)
@@ -447,8 +452,7 @@ class DeepViT(nn.Module):
         x = self.dropout(x)
 
         x = self.head_norm(self.transformer(x))                               # (B, dim), the cls token
-        z = self.head(x).squeeze(-1)                                          # (B,)
-        return z if self.quantile_head is None else self.quantile_head(x, z)  # (B,) or (B, 3)
+        return x, self.head(x).squeeze(-1)                                    # (B, dim), (B,)
 
 
 class ResNet(nn.Module):
@@ -510,11 +514,15 @@ class ResNet(nn.Module):
 
     def forward(self, img: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
         """img (B, C, H, W) float32, aux (B, num_aux) float32 or None -> (B,) float32."""
+        x, z = self.trunk(img, aux)                                           # (B, width), (B,)
+        return z if self.quantile_head is None else self.quantile_head(x, z)  # (B,) or (B, 3)
+
+    def trunk(self, img: torch.Tensor, aux: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """img, aux as forward -> (features (B, width): the input of the last Linear, point z (B,))."""
         check_inputs(self, img, aux)
         x = self.stages(self.stem(img))                                       # (B, widths[-1], 4, 4)
         x = x.mean(dim=(2, 3))                                                # (B, widths[-1])
         if aux is not None:
             x = torch.cat((x, aux), dim=1)                                    # (B, widths[-1] + num_aux)
         x = self.head[:-1](x)                                                 # (B, width): the hidden layers
-        z = self.head[-1](x).squeeze(-1)                                      # (B,)
-        return z if self.quantile_head is None else self.quantile_head(x, z)  # (B,) or (B, 3)
+        return x, self.head[-1](x).squeeze(-1)                                # (B, width), (B,)

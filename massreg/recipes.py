@@ -11,7 +11,8 @@ Recipes (explicit options override a recipe's values; config.json records the re
            warm-up then cosine decay per step, Huber loss on the standardised mass, fixed per-channel
            reference scales, flips in eta/phi, the aux scalars (pt, ieta, iphi) fed to the model, grad
            clipping; peak lr by model size (DEFAULT_LR) unless --lr is given; the 16 % and 84 % quantiles
-           besides the point (pinball loss, weight 1, on a head that cannot change the point estimate).
+           besides the point (pinball loss, weight 1, on a head that cannot change the point estimate), the
+           head fitted again for 4 epochs on the finished trunk (massreg.headfit).
 
 The lowest room of the trainer: it imports only the model registry.
 """
@@ -58,6 +59,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     quantiles: bool = False           # also learn the 16 % and 84 % quantiles (a per-jet resolution)
     quantile_weight: float = 1.0      # weight of the pinball loss beside the point loss
+    head_epochs: int = 0              # epochs of the quantile head's final fit on the finished trunk; 0: none
     reweight: str = "none"            # none | flat: weights flattening the train split's (mass, pT) histogram
     norm: str = "reference"           # stats (z-score from /stats) | reference (fixed per-channel scales)
     aux: bool = True                  # feed pt, ieta, iphi (normalised) to the model
@@ -81,11 +83,11 @@ class TrainConfig:
 RECIPES: dict[str, dict] = {
     "seed": dict(model="seed", epochs=25, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=1e-4,
                  schedule="exponential", gamma=0.4, loss="mse", grad_clip=0.0, norm="stats", aux=False,
-                 flips=False, quantiles=False, reweight="none"),
+                 flips=False, quantiles=False, head_epochs=0, reweight="none"),
     "default": dict(model="seed", epochs=20, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=0.05,
                     schedule="cosine", warmup_fraction=0.05, min_lr_ratio=0.01, loss="huber", huber_delta=0.2,
                     grad_clip=1.0, norm="reference", aux=True, flips=True, quantiles=True,
-                    quantile_weight=1.0),
+                    quantile_weight=1.0, head_epochs=4),
 }
 # The default recipe's peak learning rate by model preset, unless --lr is given. Measured on 7,000 generated
 # top rows, 8 channels, a 30-epoch schedule (docs/performance.md, "On a GPU"): the 43 M-parameter `seed`
@@ -170,7 +172,7 @@ def check_config(c: TrainConfig) -> None:
     for name, value in positive.items():
         if not value > 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-    for name in ("weight_decay", "grad_clip", "workers", "checkpoint_every_minutes"):
+    for name in ("weight_decay", "grad_clip", "workers", "checkpoint_every_minutes", "head_epochs"):
         if getattr(c, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
     if not 0 <= c.warmup_fraction < 1 or not 0 <= c.min_lr_ratio <= 1:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from massreg.heads import CALIBRATION_JETS_PER_KNOT, CALIBRATION_KNOTS
 from massreg.metrics import binned_metrics, quantile_metrics, resolution_quantiles
 from massreg.optim import QUANTILES
 
@@ -78,17 +79,18 @@ def calibrate(head: torch.nn.Module, out: dict, target) -> None:
     out: the val predictions (GeV) made with the head's current factors; target: the TargetScaler (z units).
     A jet is below q16 when (pred - true) / (pred - q16) > 1. Taking out the current factor gives that ratio
     for the raw width; its 84th percentile in each of K equal-count groups of predicted z is the factor there,
-    at the group's median z (the knot). Under DDP every rank has the gathered predictions, so every rank fits
-    the same. Clipped to [0.1, 10]: one odd validation cannot wreck the widths."""
+    at the group's median z (the knot). K: one group per CALIBRATION_JETS_PER_KNOT val jets, 1 to
+    CALIBRATION_KNOTS (a 16 % tail needs jets to be estimated). Under DDP every rank has the gathered
+    predictions, so every rank fits the same. Clipped to [0.1, 10]: one odd validation cannot wreck the
+    widths."""
     pred, true = out["pred"], out["true"]                                         # (N,) GeV each
     z = torch.as_tensor((pred - target.mean) / target.std, dtype=torch.float32)   # (N,)
     current = head.factors(z.to(head.calibration.device)).cpu().double().numpy()  # (N, 2)
     below = (pred - true) / np.maximum(pred - out["q16"], 1e-9) * current[:, 0]  # (N,) > 1: under raw q16
     above = (true - pred) / np.maximum(out["q84"] - pred, 1e-9) * current[:, 1]  # (N,) > 1: over raw q84
-    k = head.calibration.shape[0]
+    k = int(np.clip(len(pred) // CALIBRATION_JETS_PER_KNOT, 1, CALIBRATION_KNOTS))
     order = np.argsort(z.numpy(), kind="stable")
     groups = np.array_split(order, k)                                             # K equal-count groups
     knots = [float(np.median(z.numpy()[g])) for g in groups]
     values = [[np.quantile(below[g], QUANTILES[1]), np.quantile(above[g], QUANTILES[1])] for g in groups]
-    head.calibration_z.copy_(torch.tensor(knots))
-    head.calibration.copy_(torch.as_tensor(np.clip(values, 0.1, 10.0), dtype=head.calibration.dtype))
+    head.set_calibration(torch.tensor(knots), torch.as_tensor(np.clip(values, 0.1, 10.0)))

@@ -56,6 +56,10 @@ from pipeline.signals import exit_on_interrupt
                    "leaves the point estimate as it is [recipe: default on, seed off].")
 @click.option("--quantile-weight", type=float,
               help="Weight of the pinball loss of the quantiles beside the point loss [1].")
+@click.option("--head-epochs", type=int,
+              help="With --quantiles: when training ends, fit the quantile head again for this many epochs "
+                   "on the finished model's train features (in the 4 flips; up to 100,000 jet-flips), then "
+                   "calibrate; 0: keep the head as trained [recipe: default 4].")
 @click.option("--reweight", type=click.Choice(CHOICES["reweight"]),
               help="flat: weight each train jet by the inverse population of its (mass, pT) cell, so that a "
                    "spectrum that is not flat trains as if it were [none].")

@@ -10,6 +10,7 @@ the run returns; --resume continues there, to the result of an uninterrupted run
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import signal
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from massreg import checkpoint as ck
-from massreg import engine
+from massreg import engine, headfit
 from massreg.dataset import H5Images
 from massreg.distributed import Dist, broadcast, gather_predictions, setup_distributed
 from massreg.metrics import regression_metrics
@@ -437,6 +438,64 @@ def save_epoch(s: RunState, row: dict, better_loss: bool, better_mre: bool, say)
     say(summary_line(row, s.config.epochs) + marks)
 
 
+# ---------------------------------------------------------------- the quantile head's final fit
+
+CHECKPOINTS = ("last.pt", "best_val_loss.pt", "best_mre.pt")
+
+
+def finish_heads(s: RunState, say) -> None:
+    """The quantile head of every checkpoint of the finished run fitted again on its own frozen trunk
+    (massreg.headfit), calibrated on val and written back (atomically) with a "head_fit" record. A checkpoint
+    whose record is of its epoch is done: a resumed run (stopped during this, or extended by --epochs) does
+    the rest. Checkpoints of one epoch hold one model, fitted once. Rank 0 works; the others wait."""
+    if s.d.main:
+        done: dict[int, tuple[dict, dict]] = {}     # epoch -> (the fitted model's state_dict, its record)
+        for name in CHECKPOINTS:
+            path = s.run_dir / name
+            if not path.exists():
+                continue
+            ckpt = ck.load_checkpoint(path, map_location=s.d.device)
+            epoch = int(ckpt["epoch"])
+            if (ckpt.get("head_fit") or {}).get("epoch") == epoch:
+                continue
+            if epoch not in done:
+                done[epoch] = fit_checkpoint_head(s, ckpt)
+                info = done[epoch][1]
+                say(f"quantile head of {name} (epoch {epoch}) fitted on its trunk: {info['jets']} train jets x "
+                    f"{info['views']} flip(s), {info['epochs']} epochs, pinball loss {info['loss_before']:.4f} "
+                    f"-> {info['loss_after']:.4f}; widths calibrated on {info['val_jets']} val jets")
+            state, info = done[epoch]
+            write_or_fail(path, ck.save_checkpoint, ck.to_plain({**ckpt, "model": state, "head_fit": info}))
+    if s.d.world > 1:
+        dist.barrier()
+
+
+def fit_checkpoint_head(s: RunState, ckpt: dict) -> tuple[dict, dict]:
+    """(state_dict, record) of the checkpoint's model with its quantile head fitted on the train jets (in
+    the flips of --flips) and calibrated on the whole val split; the run's model is not touched."""
+    c, data = s.config, s.data
+    model = copy.deepcopy(s.raw_model)
+    model.load_state_dict(ckpt["model"])
+    views = len(engine.FLIP_DIMS) if c.flips else 1
+    rows = headfit.head_rows(len(data.fit_set), views, c.seed)
+    loader = make_loader(Subset(data.fit_set, rows.tolist()), batch_size=c.batch_size, shuffle=False,
+                         seed=c.seed, workers=c.workers)
+    inputs = headfit.trunk_outputs(model, loader, normalizer=data.normalizer, target=data.target,
+                                   aux_scaler=data.aux_scaler, device=s.d.device, flips=c.flips, amp=c.amp,
+                                   weights=data.weights, progress=True)
+    before, after = headfit.fit_quantile_head(model.quantile_head, inputs, epochs=c.head_epochs,
+                                              batch_size=c.batch_size, seed=c.seed)
+    del inputs
+    val_loader = make_loader(data.val_set, batch_size=c.batch_size, shuffle=False, seed=c.seed,
+                             workers=c.workers)   # the whole split: only this rank works
+    out = engine.predict(model, val_loader, normalizer=data.normalizer, target=data.target,
+                         aux_scaler=data.aux_scaler, device=s.d.device, amp=c.amp)
+    calibrate(model.quantile_head, out, data.target)
+    record = {"epoch": int(ckpt["epoch"]), "jets": len(rows), "views": views, "epochs": c.head_epochs,
+              "loss_before": before, "loss_after": after, "val_jets": len(out["pred"])}
+    return model.state_dict(), record
+
+
 # ---------------------------------------------------------------- the run
 
 def train(config: TrainConfig, *, stop_after_epochs: int | None = None, echo=click.echo) -> dict:
@@ -478,6 +537,8 @@ def train(config: TrainConfig, *, stop_after_epochs: int | None = None, echo=cli
                 f"`python -m massreg.train --resume {s.run_dir}`.", err=True)
             return {"run_dir": str(s.run_dir), "best": s.best, "history": s.history, "epoch": s.epoch,
                     "config": config, "stopped": stopped}
+        if s.epoch >= config.epochs and config.quantiles and config.head_epochs > 0:
+            finish_heads(s, say)
         if d.main and s.epoch >= config.epochs:
             paths = make_plots(s.run_dir, s.history, s.raw_model, data.val_set, config,
                                normalizer=data.normalizer, target=data.target, aux_scaler=data.aux_scaler,

@@ -134,9 +134,8 @@ def make_checkpoint(path, data_paths, *, channels=EVAL_CHANNELS, aux=(), seed=0,
         model.head.weight.normal_(0.0, 0.3)
         if quantiles:
             model.quantile_head.net[-1].weight.normal_(0.0, 0.3)
-            model.quantile_head.calibration_z.copy_(torch.tensor([-1.0, -0.3, 0.3, 1.0]))
-            model.quantile_head.calibration.copy_(
-                torch.tensor([[1.3, 0.8], [1.1, 0.9], [0.7, 1.2], [1.0, 1.5]]))
+            model.quantile_head.set_calibration(torch.tensor([-1.0, -0.3, 0.3, 1.0]),
+                                                torch.tensor([[1.3, 0.8], [1.1, 0.9], [0.7, 1.2], [1.0, 1.5]]))
     ds = H5Images(data_paths, "train")
     stats = ds.stats
     payload = {

@@ -60,8 +60,8 @@ def test_quantiles_never_cross_under_random_weights(preset):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 1.0)
-        model.quantile_head.calibration_z.copy_(torch.tensor([-2.0, 0.0, 0.5, 3.0]))
-        model.quantile_head.calibration.copy_(torch.tensor([[0.3, 4.0], [1.0, 0.1], [10.0, 1.0], [0.5, 0.5]]))
+        model.quantile_head.set_calibration(torch.tensor([-2.0, 0.0, 0.5, 3.0]),
+                                            torch.tensor([[0.3, 4.0], [1.0, 0.1], [10.0, 1.0], [0.5, 0.5]]))
     x, aux = torch.randn(16, 2, 125, 125), torch.randn(16, 3)
     for mode in (True, False):
         model.train(mode)
@@ -150,6 +150,108 @@ def test_calibration_fits_the_widths_as_a_function_of_the_predicted_mass():
     before = head.calibration.clone()
     calibrate(head, {**out, "q16": pred - claimed * f[:, 0], "q84": pred + claimed * f[:, 1]}, target)
     torch.testing.assert_close(head.calibration, before, rtol=1e-5, atol=1e-6)
+
+
+def test_the_calibration_has_one_knot_per_200_val_jets_up_to_6():
+    from massreg.heads import QuantileHead
+    from massreg.resolution import calibrate
+    from massreg.transforms import TargetScaler
+
+    rng = np.random.default_rng(1)
+    for n, knots in ((150, 1), (450, 2), (1214, 6), (5000, 6)):
+        pred = rng.uniform(100, 500, n)
+        true = pred + 20.0 * rng.standard_normal(n)
+        head = QuantileHead(8)
+        calibrate(head, {"pred": pred, "true": true, "q16": pred - 20.0, "q84": pred + 20.0},
+                  TargetScaler(mean=300.0, std=120.0))
+        assert head.calibration_z.shape == (knots,) and head.calibration.shape == (knots, 2)
+        assert (np.diff(head.calibration_z.numpy()) > 0).all()
+
+
+def test_a_head_loads_a_calibration_with_another_number_of_knots():
+    """Checkpoints written before the knots became adaptive hold 4; a head built with 1 takes their size and
+    gives the same outputs, and a 1-knot head is one factor per side everywhere."""
+    from massreg.heads import QuantileHead
+
+    torch.manual_seed(0)
+    old, new = QuantileHead(8), QuantileHead(8)
+    old.set_calibration(torch.tensor([-1.0, 0.0, 0.5, 1.5]), torch.tensor([[0.5, 2.0], [1.0, 1.0], [2.0, 0.7],
+                                                                         [1.2, 1.3]]))
+    new.load_state_dict(old.state_dict())
+    x, z = torch.randn(64, 8), torch.linspace(-3, 3, 64)
+    old.eval(), new.eval()
+    torch.testing.assert_close(new(x, z), old(x, z), rtol=0, atol=0)
+    one = QuantileHead(8)
+    one.set_calibration(torch.tensor([0.3]), torch.tensor([[0.5, 2.0]]))
+    torch.testing.assert_close(one.factors(z), torch.tensor([[0.5, 2.0]]).expand(64, 2))
+
+
+def test_the_head_fit_meets_the_quantiles_of_its_rows_deterministically():
+    """Residuals of two spreads (0.2 and 0.5, by the sign of the first feature), widths starting at 0.5: after
+    fit_quantile_head, 16 % of the rows fall below the raw q16 and 16 % above q84, and the widths follow the
+    spread; the fit is deterministic and leaves the global RNG alone."""
+    from massreg.headfit import fit_quantile_head
+    from massreg.heads import QuantileHead
+
+    g = torch.Generator().manual_seed(3)
+    n, dim = 8000, 6
+    features = torch.randn(n, dim, generator=g)
+    z = torch.randn(n, generator=g)
+    wide = features[:, 0] > 0
+    z_true = z + (0.2 + 0.3 * wide) * torch.randn(n, generator=g)
+    inputs = {"features": features, "z": z, "z_true": z_true, "weight": None}
+    fits = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        head = QuantileHead(dim)
+        rng_state = torch.get_rng_state()
+        before, after = fit_quantile_head(head, inputs, epochs=10, batch_size=64, seed=5)
+        assert torch.equal(torch.get_rng_state(), rng_state)
+        assert after < 0.9 * before and not head.training
+        fits.append(head.state_dict())
+    assert all(torch.equal(fits[0][k], fits[1][k]) for k in fits[0])
+    head.train()                                                   # raw widths: no calibration
+    with torch.no_grad():
+        out = head(features, z)                                    # (N, 3)
+    assert (z_true < out[:, 0]).float().mean().item() == pytest.approx(0.16, abs=0.015)
+    assert (z_true > out[:, 2]).float().mean().item() == pytest.approx(0.16, abs=0.015)
+    width = out[:, 2] - out[:, 0]
+    assert width[wide].median() > 1.5 * width[~wide].median()     # 2.5 in truth; a smooth fit of a step
+
+
+def test_a_finished_run_fits_the_head_of_every_checkpoint_once(tmp_path, monkeypatch):
+    """--head-epochs: every checkpoint's quantile head is fitted on its own trunk and recorded; the point
+    weights are those of the run without it; a run stopped before the end and resumed writes bitwise the same
+    checkpoints; resuming the finished run again changes nothing."""
+    from massreg.trainer import train
+
+    monkeypatch.setattr("massreg.trainer.make_plots", lambda *a, **k: None)
+    quiet = lambda *a, **k: None   # noqa: E731
+    from massreg.dataset import H5Images
+
+    data = write_layout_file(tmp_path / "d.h5", n=64)
+    n_train = len(H5Images([str(data)], "train"))
+    opts = dict(data=(str(data),), model="tiny", batch_size=8, epochs=2, device="cpu", seed=1)
+    for name, head_epochs in (("fit", 2), ("none", 0)):
+        train(build_config(**opts, head_epochs=head_epochs, run_dir=str(tmp_path / name)), echo=quiet)
+    train(build_config(**opts, head_epochs=2, run_dir=str(tmp_path / "resumed")), stop_after_epochs=1,
+          echo=quiet)
+    train(build_config(resume=str(tmp_path / "resumed")), echo=quiet)
+    load = lambda run, name: torch.load(tmp_path / run / name, weights_only=True)   # noqa: E731
+    for name in ("last.pt", "best_val_loss.pt", "best_mre.pt"):
+        fit, none, resumed = load("fit", name), load("none", name), load("resumed", name)
+        assert fit["head_fit"]["epoch"] == fit["epoch"] and fit["head_fit"]["views"] == 4
+        assert fit["head_fit"]["jets"] == n_train and "head_fit" not in none
+        assert fit["head_fit"]["loss_after"] < fit["head_fit"]["loss_before"]
+        for k, v in none["model"].items():   # the trunk and point as without; the head's weights changed
+            if not k.startswith("quantile_head.calibration"):
+                assert torch.equal(fit["model"][k], v) != k.startswith("quantile_head.net"), k
+        assert resumed["model"].keys() == fit["model"].keys()
+        assert all(torch.equal(resumed["model"][k], v) for k, v in fit["model"].items())
+        assert resumed["head_fit"] == fit["head_fit"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "fit").glob("*.pt")}
+    train(build_config(resume=str(tmp_path / "fit")), echo=quiet)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "fit").glob("*.pt")} == stamps
 
 
 # ---------------------------------------------------------------------------------------------- metrics
