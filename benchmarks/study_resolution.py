@@ -68,6 +68,56 @@ def evaluate(ckpt: Path, data: Path, out: Path, *extra) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+def raw_outputs(ckpt: Path, data: Path, split: str) -> tuple[dict, object]:
+    """(engine.predict's dict with the quantile head's widths uncalibrated, the TargetScaler)."""
+    import torch
+    from massreg import engine
+    from massreg.checkpoint import load_for_inference
+    from massreg.dataset import H5Images
+    from massreg.sampling import make_loader
+
+    _, r = load_for_inference(ckpt, torch.device("cpu"))
+    r.model.quantile_head.set_calibration(torch.zeros(1), torch.ones(1, 2))
+    loader = make_loader(H5Images([str(data)], split, aux=tuple(r.aux_scaler.names)), batch_size=256,
+                         shuffle=False, seed=0)
+    return engine.predict(r.model, loader, normalizer=r.normalizer, target=r.target,
+                          aux_scaler=r.aux_scaler), r.target
+
+
+def knots_lines(ckpts: list[tuple[str, Path]], demo: Path, other: Path, choices=(1, 2, 3, 4, 6)) -> list[str]:
+    """The calibration refitted on val with each number of knots (massreg.resolution.calibrate): coverage
+    of the middle eight bins of predicted mass on the demo and the other test split, per run."""
+    import torch
+    from massreg.dataset import H5Images
+    from massreg.heads import QuantileHead
+    from massreg.metrics import mass_edges
+    from massreg.resolution import calibrate
+
+    lines = ["| run, knots | " + " | ".join(f"{k}" for k in choices) + " |", "|---|" + "---|" * len(choices)]
+    for name, ckpt in ckpts:
+        val, target = raw_outputs(ckpt, demo, "val")
+        tests = {"demo test": (raw_outputs(ckpt, demo, "test")[0], demo),
+                 "other data": (raw_outputs(ckpt, other, "test")[0], other)}
+        cells = {t: [] for t in tests}
+        for k in choices:
+            head = QuantileHead(1)
+            calibrate(head, val, target, knots=k)
+            for t, (out, path) in tests.items():
+                f = head.factors(torch.as_tensor((out["pred"] - target.mean) / target.std,
+                                                 dtype=torch.float32)).double().numpy()     # (N, 2)
+                q16 = out["pred"] - (out["pred"] - out["q16"]) * f[:, 0]
+                q84 = out["pred"] + (out["q84"] - out["pred"]) * f[:, 1]
+                stats = H5Images([str(path)], "test").stats        # evaluate's bins: the train mass range
+                edges = mass_edges(min(float(stats["m_min"]), out["true"].min()),
+                                   max(float(stats["m_max"]), out["true"].max()), 10)
+                bins = np.digitize(out["pred"], edges[1:-1])                    # 0..9
+                inside = (out["true"] >= q16) & (out["true"] <= q84)
+                mid = [inside[bins == b].mean() for b in range(1, 9)]
+                cells[t].append(f"{min(mid):.2f}-{max(mid):.2f}")
+        lines += [f"| {name}, {t} | " + " | ".join(c) + " |" for t, c in cells.items()]
+    return lines
+
+
 def resolution_line(name: str, r: dict) -> str:
     res = r["resolution"]
     quart = "/".join(f"{q['measured']:.3f}" for q in res["quartiles"])
@@ -86,7 +136,10 @@ def resolution_line(name: str, r: dict) -> str:
 @click.option("--epochs", default=8, show_default=True)
 @click.option("--rows", default=6000, show_default=True, help="Rows per file (2 files a data set).")
 @click.option("--model", default="hybrid49", show_default=True)
-def main(root: Path, seeds: str, epochs: int, rows: int, model: str):
+@click.option("--demo-run", default="data/demo/run/best_val_loss.pt", show_default=True,
+              type=click.Path(path_type=Path),
+              help="make demo's model, added to the knots table when it exists (trained on the same data).")
+def main(root: Path, seeds: str, epochs: int, rows: int, model: str, demo_run: Path):
     """Run (or resume) the study and print its tables (markdown)."""
     root.mkdir(parents=True, exist_ok=True)
     demo, other = dataset(root, "demo", 1, rows), dataset(root, "other", 7, rows)
@@ -94,9 +147,10 @@ def main(root: Path, seeds: str, epochs: int, rows: int, model: str):
     lines = ["| run | test MAE [GeV] | coverage | pull width | coverage, middle 8 m_pred bins | coverage, pT "
              "quartiles | predicted res. by quartile | measured | measured / predicted |",
              "|---|---|---|---|---|---|---|---|---|"]
-    point, tta = [], []
+    point, tta, quantile_runs = [], [], []
     for seed in [int(s) for s in seeds.split(",")]:
         q = train(root, f"q_seed{seed}", demo, seed, epochs, model)
+        quantile_runs.append((f"seed {seed}", q))
         p = train(root, f"p_seed{seed}", demo, seed, epochs, model, "--no-quantiles")
         rq = evaluate(q, demo, root / f"q_seed{seed}" / "eval_demo")
         rp = evaluate(p, demo, root / f"p_seed{seed}" / "eval_demo")
@@ -123,6 +177,9 @@ def main(root: Path, seeds: str, epochs: int, rows: int, model: str):
         top = r["bins"][-2:]
         lines.append(f"| {name} | {r['model']['mae']:.2f} | {top[0]['response']:.3f}, {top[1]['response']:.3f} | "
                      f"{top[1]['bias']:.1f} |")
+    lines += ["", "Coverage range over the middle 8 bins of predicted mass, the calibration refitted on val with K "
+              "knots:", ""] + knots_lines(([("make demo", demo_run)] if demo_run.exists() else [])
+                                          + quantile_runs, demo, other)
     click.echo("\n".join(lines))
 
 

@@ -72,7 +72,7 @@ def _bin_lines(rows: list[dict], label: str, unit: str, quantiles: bool) -> list
 
 
 @torch.no_grad()
-def calibrate(head: torch.nn.Module, out: dict, target) -> None:
+def calibrate(head: torch.nn.Module, out: dict, target, knots: int | None = None) -> None:
     """Fit a QuantileHead's width factors on the val predictions, as a function of the predicted mass, so that
     16 % of the val jets fall below q16 and 16 % above q84 at every mass.
 
@@ -80,7 +80,8 @@ def calibrate(head: torch.nn.Module, out: dict, target) -> None:
     A jet is below q16 when (pred - true) / (pred - q16) > 1. Taking out the current factor gives that ratio
     for the raw width; its 84th percentile in each of K equal-count groups of predicted z is the factor there,
     at the group's median z (the knot). K: one group per CALIBRATION_JETS_PER_KNOT val jets, 1 to
-    CALIBRATION_KNOTS (a 16 % tail needs jets to be estimated). Under DDP every rank has the gathered
+    CALIBRATION_KNOTS (a 16 % tail needs jets to be estimated), unless `knots` is given (the study compares
+    them: benchmarks/study_resolution.py). Under DDP every rank has the gathered
     predictions, so every rank fits the same. Clipped to [0.1, 10]: one odd validation cannot wreck the
     widths."""
     pred, true = out["pred"], out["true"]                                         # (N,) GeV each
@@ -88,9 +89,9 @@ def calibrate(head: torch.nn.Module, out: dict, target) -> None:
     current = head.factors(z.to(head.calibration.device)).cpu().double().numpy()  # (N, 2)
     below = (pred - true) / np.maximum(pred - out["q16"], 1e-9) * current[:, 0]  # (N,) > 1: under raw q16
     above = (true - pred) / np.maximum(out["q84"] - pred, 1e-9) * current[:, 1]  # (N,) > 1: over raw q84
-    k = int(np.clip(len(pred) // CALIBRATION_JETS_PER_KNOT, 1, CALIBRATION_KNOTS))
+    k = knots or int(np.clip(len(pred) // CALIBRATION_JETS_PER_KNOT, 1, CALIBRATION_KNOTS))
     order = np.argsort(z.numpy(), kind="stable")
     groups = np.array_split(order, k)                                             # K equal-count groups
-    knots = [float(np.median(z.numpy()[g])) for g in groups]
+    medians = [float(np.median(z.numpy()[g])) for g in groups]
     values = [[np.quantile(below[g], QUANTILES[1]), np.quantile(above[g], QUANTILES[1])] for g in groups]
-    head.set_calibration(torch.tensor(knots), torch.as_tensor(np.clip(values, 0.1, 10.0)))
+    head.set_calibration(torch.tensor(medians), torch.as_tensor(np.clip(values, 0.1, 10.0)))

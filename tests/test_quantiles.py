@@ -175,8 +175,8 @@ def test_a_head_loads_a_calibration_with_another_number_of_knots():
 
     torch.manual_seed(0)
     old, new = QuantileHead(8), QuantileHead(8)
-    old.set_calibration(torch.tensor([-1.0, 0.0, 0.5, 1.5]), torch.tensor([[0.5, 2.0], [1.0, 1.0], [2.0, 0.7],
-                                                                         [1.2, 1.3]]))
+    factors = torch.tensor([[0.5, 2.0], [1.0, 1.0], [2.0, 0.7], [1.2, 1.3]])
+    old.set_calibration(torch.tensor([-1.0, 0.0, 0.5, 1.5]), factors)
     new.load_state_dict(old.state_dict())
     x, z = torch.randn(64, 8), torch.linspace(-3, 3, 64)
     old.eval(), new.eval()
