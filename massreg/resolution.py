@@ -81,9 +81,8 @@ def calibrate(head: torch.nn.Module, out: dict, target, knots: int | None = None
     for the raw width; its 84th percentile in each of K equal-count groups of predicted z is the factor there,
     at the group's median z (the knot). K: one group per CALIBRATION_JETS_PER_KNOT val jets, 1 to
     CALIBRATION_KNOTS (a 16 % tail needs jets to be estimated), unless `knots` is given (the study compares
-    them: benchmarks/study_resolution.py). Under DDP every rank has the gathered
-    predictions, so every rank fits the same. Clipped to [0.1, 10]: one odd validation cannot wreck the
-    widths."""
+    them: benchmarks/study_resolution.py). Under DDP every rank has the gathered predictions, so every rank
+    fits the same. Clipped to [0.1, 10]: one odd validation cannot wreck the widths."""
     pred, true = out["pred"], out["true"]                                         # (N,) GeV each
     z = torch.as_tensor((pred - target.mean) / target.std, dtype=torch.float32)   # (N,)
     current = head.factors(z.to(head.calibration.device)).cpu().double().numpy()  # (N, 2)

@@ -454,7 +454,7 @@ def finish_heads(s: RunState, say) -> None:
             path = s.run_dir / name
             if not path.exists():
                 continue
-            ckpt = ck.load_checkpoint(path, map_location=s.d.device)
+            ckpt = ck.load_checkpoint(path)                 # on the CPU: one model at a time on the device
             epoch = int(ckpt["epoch"])
             if (ckpt.get("head_fit") or {}).get("epoch") == epoch:
                 continue
