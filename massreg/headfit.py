@@ -44,15 +44,18 @@ def head_rows(n: int, views: int, seed: int) -> np.ndarray:
 @torch.no_grad()
 def trunk_outputs(model: torch.nn.Module, loader, *, normalizer: torch.nn.Module, target, aux_scaler,
                   device: torch.device, flips: bool, amp: bool = False, weights: np.ndarray | None = None,
-                  progress: bool = False) -> dict:
+                  progress: bool = False, stop=lambda: False) -> dict | None:
     """What the quantile head reads, for every jet of `loader` in each flip (four with flips, else as
     stored): {"features" (R, D), "z" (R,) the point, "z_true" (R,), "weight" (R,) or None} on `device`,
-    float32, R = jets x views. weights: per train row (batch "index"), the --reweight flat weights."""
+    float32, R = jets x views. weights: per train row (batch "index"), the --reweight flat weights. None if
+    stop() turns true (polled after every batch: a stop signal)."""
     model.eval()
     views = engine.FLIP_DIMS if flips else ((),)
     parts: dict[str, list] = {"features": [], "z": [], "z_true": [], "weight": []}
     for batch in tqdm(loader, desc="head features", unit="batch", leave=False,
                       disable=None if progress else True):   # None: shown on a terminal only
+        if stop():
+            return None
         x = normalizer(batch["images"].to(device, non_blocking=True))             # (B, C, H, W) float32
         aux = None if aux_scaler is None else encode_aux(aux_scaler, batch["aux"].to(device))   # (B, A)
         z_true = target.encode(batch["m"].to(device).float())                     # (B,)
@@ -76,12 +79,13 @@ def head_loss(head: torch.nn.Module, inputs: dict, idx: torch.Tensor | slice) ->
             + pinball_loss(out[:, 2], inputs["z_true"][idx], QUANTILES[1], w))
 
 
-def fit_quantile_head(head: torch.nn.Module, inputs: dict, *, epochs: int, batch_size: int,
-                      seed: int) -> tuple[float, float]:
+def fit_quantile_head(head: torch.nn.Module, inputs: dict, *, epochs: int, batch_size: int, seed: int,
+                      stop=lambda: False) -> tuple[float, float] | None:
     """Train `head` alone on `inputs` (trunk_outputs): AdamW from its current weights, cosine from
     HEAD_FIT_LR to 0 over epochs x (rows // batch_size) steps, rows shuffled by a generator seeded with
     `seed` (the global RNG is not touched). Leaves the head in eval mode; returns the pinball loss over all
-    rows before and after. The calibration buffers are not changed: fit them on val afterwards."""
+    rows before and after, or None if stop() turned true (polled after every step; the head is then half
+    fitted: do not keep it). The calibration buffers are not changed: fit them on val afterwards."""
     n = int(inputs["z"].shape[0])
     matrices = [p for p in head.parameters() if p.ndim >= 2]
     others = [p for p in head.parameters() if p.ndim < 2]
@@ -103,6 +107,8 @@ def fit_quantile_head(head: torch.nn.Module, inputs: dict, *, epochs: int, batch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if stop():
+            return None
     with torch.no_grad():
         after = head_loss(head, inputs, slice(None)).item()
     head.eval()

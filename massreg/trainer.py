@@ -443,11 +443,31 @@ def save_epoch(s: RunState, row: dict, better_loss: bool, better_mre: bool, say)
 CHECKPOINTS = ("last.pt", "best_val_loss.pt", "best_mre.pt")
 
 
-def finish_heads(s: RunState, say) -> None:
+def finish_run(s: RunState, say) -> int | None:
+    """What follows the last epoch, under a StepGate: the quantile heads' final fit (a stop signal ends it
+    between two of its steps, and its number is returned: --resume fits the rest), then the plots (rank 0;
+    seconds of work: a signal during them lets them finish, and the run is complete)."""
+    c, d, data = s.config, s.d, s.data
+    with StepGate(rank=d.rank, world=d.world, device=d.device) as gate:
+        if c.quantiles and c.head_epochs > 0:
+            finish_heads(s, gate, say)
+            if gate.poll()[0]:       # collective under DDP: a signal on any rank stops every rank
+                return gate.signum
+        if d.main:
+            paths = make_plots(s.run_dir, s.history, s.raw_model, data.val_set, c, normalizer=data.normalizer,
+                               target=data.target, aux_scaler=data.aux_scaler, device=d.device, echo=say)
+            if s.tb is not None:
+                for path in paths or ():
+                    s.tb.image(s.step, f"plots/{path.stem}", path.read_bytes())
+    return None
+
+
+def finish_heads(s: RunState, gate: StepGate, say) -> None:
     """The quantile head of every checkpoint of the finished run fitted again on its own frozen trunk
     (massreg.headfit), calibrated on val and written back (atomically) with a "head_fit" record. A checkpoint
     whose record is of its epoch is done: a resumed run (stopped during this, or extended by --epochs) does
-    the rest. Checkpoints of one epoch hold one model, fitted once. Rank 0 works; the others wait."""
+    the rest. Checkpoints of one epoch hold one model, fitted once. Rank 0 works, leaving at once when the
+    gate's flag is raised (the checkpoint in progress is not written); the others wait."""
     if s.d.main:
         done: dict[int, tuple[dict, dict]] = {}     # epoch -> (the fitted model's state_dict, its record)
         for name in CHECKPOINTS:
@@ -459,8 +479,11 @@ def finish_heads(s: RunState, say) -> None:
             if (ckpt.get("head_fit") or {}).get("epoch") == epoch:
                 continue
             if epoch not in done:
-                done[epoch] = fit_checkpoint_head(s, ckpt)
-                info = done[epoch][1]
+                fitted = fit_checkpoint_head(s, ckpt, stop=lambda: gate.flag.requested)
+                if fitted is None:
+                    break
+                done[epoch] = fitted
+                info = fitted[1]
                 say(f"quantile head of {name} (epoch {epoch}) fitted on its trunk: {info['jets']} train jets x "
                     f"{info['views']} flip(s), {info['epochs']} epochs, pinball loss {info['loss_before']:.4f} "
                     f"-> {info['loss_after']:.4f}; widths calibrated on {info['val_jets']} val jets")
@@ -470,9 +493,10 @@ def finish_heads(s: RunState, say) -> None:
         dist.barrier()
 
 
-def fit_checkpoint_head(s: RunState, ckpt: dict) -> tuple[dict, dict]:
+def fit_checkpoint_head(s: RunState, ckpt: dict, stop) -> tuple[dict, dict] | None:
     """(state_dict, record) of the checkpoint's model with its quantile head fitted on the train jets (in
-    the flips of --flips) and calibrated on the whole val split; the run's model is not touched."""
+    the flips of --flips) and calibrated on the whole val split; the run's model is not touched. None when
+    stop() turned true before the end."""
     c, data = s.config, s.data
     model = copy.deepcopy(s.raw_model)
     model.load_state_dict(ckpt["model"])
@@ -482,10 +506,13 @@ def fit_checkpoint_head(s: RunState, ckpt: dict) -> tuple[dict, dict]:
                          seed=c.seed, workers=c.workers)
     inputs = headfit.trunk_outputs(model, loader, normalizer=data.normalizer, target=data.target,
                                    aux_scaler=data.aux_scaler, device=s.d.device, flips=c.flips, amp=c.amp,
-                                   weights=data.weights, progress=True)
-    before, after = headfit.fit_quantile_head(model.quantile_head, inputs, epochs=c.head_epochs,
-                                              batch_size=c.batch_size, seed=c.seed)
+                                   weights=data.weights, progress=True, stop=stop)
+    losses = None if inputs is None else headfit.fit_quantile_head(
+        model.quantile_head, inputs, epochs=c.head_epochs, batch_size=c.batch_size, seed=c.seed, stop=stop)
     del inputs
+    if losses is None:
+        return None
+    before, after = losses
     val_loader = make_loader(data.val_set, batch_size=c.batch_size, shuffle=False, seed=c.seed,
                              workers=c.workers)   # the whole split: only this rank works
     out = engine.predict(model, val_loader, normalizer=data.normalizer, target=data.target,
@@ -529,23 +556,19 @@ def train(config: TrainConfig, *, stop_after_epochs: int | None = None, echo=cli
             f"{s.steps_per_epoch} steps per epoch")
 
         stopped = run_epochs(s, stop_after_epochs, say)
+        finishing = stopped is None and s.epoch >= config.epochs
+        if finishing:
+            stopped = finish_run(s, say)
         if stopped is not None:
             where = (f"inside epoch {s.epoch + 1} after batch {s.progress.batches}/{s.steps_per_epoch}"
                      if s.progress is not None else f"after epoch {s.epoch}")
+            if finishing:
+                where += " (training done; in the quantile head's final fit, which --resume completes)"
             say(f"Error: training of {s.run_dir} interrupted by {signal.Signals(stopped).name} {where} "
                 f"(step {s.step}); last.pt holds that step: continue with "
                 f"`python -m massreg.train --resume {s.run_dir}`.", err=True)
             return {"run_dir": str(s.run_dir), "best": s.best, "history": s.history, "epoch": s.epoch,
                     "config": config, "stopped": stopped}
-        if s.epoch >= config.epochs and config.quantiles and config.head_epochs > 0:
-            finish_heads(s, say)
-        if d.main and s.epoch >= config.epochs:
-            paths = make_plots(s.run_dir, s.history, s.raw_model, data.val_set, config,
-                               normalizer=data.normalizer, target=data.target, aux_scaler=data.aux_scaler,
-                               device=d.device, echo=say)
-            if s.tb is not None:
-                for path in paths or ():
-                    s.tb.image(s.step, f"plots/{path.stem}", path.read_bytes())
         if d.world > 1:
             dist.barrier()
         return {"run_dir": str(s.run_dir), "best": s.best, "history": s.history, "epoch": s.epoch,

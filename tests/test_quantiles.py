@@ -4,6 +4,8 @@ quantile outputs through predict and ONNX."""
 from __future__ import annotations
 
 import math
+import os
+import signal
 
 import numpy as np
 import pandas as pd
@@ -221,13 +223,14 @@ def test_the_head_fit_meets_the_quantiles_of_its_rows_deterministically():
 
 def test_a_finished_run_fits_the_head_of_every_checkpoint_once(tmp_path, monkeypatch):
     """--head-epochs: every checkpoint's quantile head is fitted on its own trunk and recorded; the point
-    weights are those of the run without it; a run stopped before the end and resumed writes bitwise the same
-    checkpoints; resuming the finished run again changes nothing."""
+    weights are those of the run without it; a run stopped before the end, or by a signal during the fit, and
+    resumed writes bitwise the same checkpoints; resuming the finished run again changes nothing."""
+    from massreg import trainer
+    from massreg.dataset import H5Images
     from massreg.trainer import train
 
     monkeypatch.setattr("massreg.trainer.make_plots", lambda *a, **k: None)
     quiet = lambda *a, **k: None   # noqa: E731
-    from massreg.dataset import H5Images
 
     data = write_layout_file(tmp_path / "d.h5", n=64)
     n_train = len(H5Images([str(data)], "train"))
@@ -237,9 +240,27 @@ def test_a_finished_run_fits_the_head_of_every_checkpoint_once(tmp_path, monkeyp
     train(build_config(**opts, head_epochs=2, run_dir=str(tmp_path / "resumed")), stop_after_epochs=1,
           echo=quiet)
     train(build_config(resume=str(tmp_path / "resumed")), echo=quiet)
+    # SIGTERM in the head's fit (a batch system's warning just after the last epoch): the trainer's line, the
+    # signal's number, no checkpoint half-fitted; --resume fits them all
+    real = trainer.fit_checkpoint_head
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(trainer, "fit_checkpoint_head", signalled)
+    lines = []
+    result = train(build_config(**opts, head_epochs=2, run_dir=str(tmp_path / "stopped")),
+                   echo=lambda msg, **k: lines.append(msg))
+    assert result["stopped"] == signal.SIGTERM and result["epoch"] == 2
+    assert "interrupted by SIGTERM after epoch 2 (training done; in the quantile head's final fit" in lines[-1]
+    assert all("head_fit" not in torch.load(p, weights_only=True) for p in (tmp_path / "stopped").glob("*.pt"))
+    monkeypatch.setattr(trainer, "fit_checkpoint_head", real)
+    train(build_config(resume=str(tmp_path / "stopped")), echo=quiet)
     load = lambda run, name: torch.load(tmp_path / run / name, weights_only=True)   # noqa: E731
     for name in ("last.pt", "best_val_loss.pt", "best_mre.pt"):
-        fit, none, resumed = load("fit", name), load("none", name), load("resumed", name)
+        fit, none, resumed, stopped = (load(run, name) for run in ("fit", "none", "resumed", "stopped"))
+        assert all(torch.equal(stopped["model"][k], v) for k, v in fit["model"].items())
+        assert stopped["head_fit"] == fit["head_fit"]
         assert fit["head_fit"]["epoch"] == fit["epoch"] and fit["head_fit"]["views"] == 4
         assert fit["head_fit"]["jets"] == n_train and "head_fit" not in none
         assert fit["head_fit"]["loss_after"] < fit["head_fit"]["loss_before"]
@@ -320,6 +341,7 @@ def test_flip_averaging_is_the_mean_over_the_four_flips():
     model = build_model(model_config("tiny", channels=2, num_aux=0, quantiles=True)).eval()
     images = torch.randn(5, 2, 125, 125).half()
     batch = {"images": images, "m": torch.full((5,), 100.0), "index": torch.arange(5)}
+
     def norm(images):                           # the normaliser: float16 -> float32, nothing else
         return images.float()
     got = engine.forward(model, batch, normalizer=norm, aux_scaler=None, device=torch.device("cpu"),
