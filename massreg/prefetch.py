@@ -37,10 +37,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from massreg.dataset import H5Images
-from massreg.sampling import EpochBatches, flip_masks, whole_batch
+from massreg.sampling import EpochBatches, flip_masks, whole_batch, worker_init
 from massreg.transforms import encode_aux
 from pipeline import layout
-from pipeline.signals import ignore_stop_signals
 
 
 def _base(dataset) -> tuple[H5Images, np.ndarray | None]:
@@ -227,7 +226,7 @@ class WorkerReader:
                                       prefetch_factor=self.prefetch_factor,
                                       multiprocessing_context=self.context,
                                       # a stop signal is the trainer's to handle: it ends the workers
-                                      worker_init_fn=ignore_stop_signals,
+                                      worker_init_fn=worker_init,
                                       # its own generator: the workers' base seed is drawn from it, not
                                       # from the global RNG (dropout), so threads and workers train alike
                                       generator=torch.Generator().manual_seed(0))

@@ -163,6 +163,17 @@ class EpochBatches(Sampler):
             yield np.sort(order[step * b:(step + 1) * b]).tolist()
 
 
+def worker_init(*_) -> None:
+    """worker_init_fn of every DataLoader worker of ours: stop signals are the parent's to handle
+    (pipeline.signals.ignore_stop_signals), and tensors go to the parent by shared-memory file name, not by
+    passing a file descriptor. With descriptors the parent fetches each one from the worker's
+    multiprocessing resource_sharer thread; a Ctrl-C that ends the parent during that exchange made the
+    worker print a ConnectionResetError traceback after the trainer's one-line message (seen in 1 of 25
+    stops). The parent receives either kind; only how this worker sends changes."""
+    ignore_stop_signals()
+    torch.multiprocessing.set_sharing_strategy("file_system")
+
+
 def whole_batch(batch):
     """collate_fn: __getitems__ already returns the collated batch dict."""
     return batch
@@ -200,4 +211,4 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, 
                       pin_memory=torch.cuda.is_available(),
                       multiprocessing_context=multiprocessing_context if workers else None,
                       prefetch_factor=prefetch_factor if workers else None, persistent_workers=False,
-                      worker_init_fn=ignore_stop_signals if workers else None)  # the parent stops them
+                      worker_init_fn=worker_init if workers else None)

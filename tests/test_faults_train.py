@@ -257,6 +257,14 @@ def test_resume_inside_an_epoch_needs_the_same_number_of_processes(tmp_path, dat
     assert "written inside epoch 1 by 2 process(es); resume it with 2, not 1" in result.output
 
 
+def _ctrl_c_default() -> None:
+    """In the child, before exec: SIGINT's default action, as a terminal's foreground job has it. A shell
+    starts background jobs (`make test &`, `nohup ...`) with SIGINT ignored, a child inherits that, and Python
+    then installs no KeyboardInterrupt handler: the trainer would rightly ignore the test's Ctrl-C and the
+    test would hang (it did, run as `nohup make test &`)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_the_process_group_stops_the_cli_and_its_workers(tmp_path, data_file, signum):
     """As Slurm (SIGTERM) or a terminal's Ctrl-C (SIGINT) does it: the signal to every process of the job
@@ -267,7 +275,7 @@ def test_a_signal_to_the_process_group_stops_the_cli_and_its_workers(tmp_path, d
     cmd = [sys.executable, "-m", "massreg.train", data_file, "--model", "tiny", "--batch-size", "4",
            "--epochs", "500", "--device", "cpu", "--workers", "1", "--run-dir", run]
     proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            preexec_fn=_ctrl_c_default, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not (run / "metrics.csv").exists() and time.monotonic() < deadline and proc.poll() is None:
