@@ -3,7 +3,8 @@
     result = train(build_config("default", data=("top.h5",), model="hybrid49", run_dir="runs/x"))
 
 train() resolves the run (new, or --resume from last.pt), opens the data, builds the model and optimizer,
-then loops: train_epoch (the optimizer steps, read top to bottom), validation, checkpoints and metrics.csv.
+then loops: train_epoch (the optimizer steps, read top to bottom), validation, checkpoints and metrics.csv;
+after the last epoch, finish_run: the quantile head's final fit in every checkpoint, then the plots.
 A stop signal is polled after every step (massreg.stopping.StepGate): last.pt is written at that step and
 the run returns; --resume continues there, to the result of an uninterrupted run. Model selection uses the
 `val` split only; the test split is never opened here.
