@@ -1,6 +1,7 @@
 """The quantile head's final fit: the head alone, trained again on the finished trunk's features of the train
 jets in the flips the trunk was trained with, on a schedule of its own.
 
+    finish_checkpoints(run_dir, model, data, config, device, stop=..., say=print)   # what the trainer calls
     rows = head_rows(len(train_set), views=4, seed=0)          # which jets (all of them up to HEAD_FIT_ROWS)
     inputs = trunk_outputs(model, loader, normalizer=n, target=t, aux_scaler=a, device=dev, flips=True)
     before, after = fit_quantile_head(model.quantile_head, inputs, epochs=4, batch_size=64, seed=0)
@@ -16,14 +17,21 @@ The trunk and the point estimate are not touched: the features are computed with
 """
 from __future__ import annotations
 
+import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
+from massreg import checkpoint as ck
 from massreg import engine
 from massreg.optim import QUANTILES, pinball_loss
+from massreg.resolution import calibrate
+from massreg.rundir import write_or_fail
+from massreg.sampling import make_loader
 from massreg.transforms import encode_aux
 
 # At most this many (jet, flip) rows: every jet of the demo in its 4 flips, 25,000 jets of a large set. The
@@ -31,6 +39,66 @@ from massreg.transforms import encode_aux
 HEAD_FIT_ROWS = 100_000
 HEAD_FIT_LR = 1e-3              # AdamW peak learning rate, cosine to 0 over the fit
 HEAD_FIT_WEIGHT_DECAY = 0.05    # on the head's matrices (as massreg.optim.make_optimizer: not norms, biases)
+CHECKPOINTS = ("last.pt", "best_val_loss.pt", "best_mre.pt")
+
+
+def finish_checkpoints(run_dir: Path, model: torch.nn.Module, data, c, device: torch.device, *, stop,
+                       say) -> None:
+    """The quantile head of every checkpoint of a finished run fitted again on its own frozen trunk,
+    calibrated on val and written back (atomically) with a "head_fit" record. A checkpoint whose record is of
+    its epoch is done: a resumed run (stopped during this, or extended by --epochs) does the rest.
+    Checkpoints of one epoch hold one model, fitted once. Leaves at once when stop() turns true (the
+    checkpoint in progress is not written). model: the run's (a copy is fitted); data: the trainer's RunData;
+    c: its TrainConfig. One process: under DDP the trainer calls it on rank 0."""
+    done: dict[int, tuple[dict, dict]] = {}     # epoch -> (the fitted model's state_dict, its record)
+    for name in CHECKPOINTS:
+        path = Path(run_dir) / name
+        if not path.exists():
+            continue
+        ckpt = ck.load_checkpoint(path)                     # on the CPU: one model at a time on the device
+        epoch = int(ckpt["epoch"])
+        if (ckpt.get("head_fit") or {}).get("epoch") == epoch:
+            continue
+        if epoch not in done:
+            fitted = fit_checkpoint_head(model, ckpt, data, c, device, stop)
+            if fitted is None:
+                return
+            done[epoch] = fitted
+            info = fitted[1]
+            say(f"quantile head of {name} (epoch {epoch}) fitted on its trunk: {info['jets']} train jets x "
+                f"{info['views']} flip(s), {info['epochs']} epochs, pinball loss {info['loss_before']:.4f} "
+                f"-> {info['loss_after']:.4f}; widths calibrated on {info['val_jets']} val jets")
+        state, info = done[epoch]
+        write_or_fail(path, ck.save_checkpoint, ck.to_plain({**ckpt, "model": state, "head_fit": info}))
+
+
+def fit_checkpoint_head(model: torch.nn.Module, ckpt: dict, data, c, device: torch.device,
+                        stop) -> tuple[dict, dict] | None:
+    """(state_dict, record) of the checkpoint's model (loaded into a copy of `model`) with its quantile head
+    fitted on the train jets (in the flips of --flips) and calibrated on the whole val split. None when stop()
+    turned true before the end."""
+    model = copy.deepcopy(model)
+    model.load_state_dict(ckpt["model"])
+    views = len(engine.FLIP_DIMS) if c.flips else 1
+    rows = head_rows(len(data.fit_set), views, c.seed)
+    loader = make_loader(Subset(data.fit_set, rows.tolist()), batch_size=c.batch_size, shuffle=False,
+                         seed=c.seed, workers=c.workers)
+    inputs = trunk_outputs(model, loader, normalizer=data.normalizer, target=data.target,
+                           aux_scaler=data.aux_scaler, device=device, flips=c.flips, amp=c.amp,
+                           weights=data.weights, progress=True, stop=stop)
+    losses = None if inputs is None else fit_quantile_head(
+        model.quantile_head, inputs, epochs=c.head_epochs, batch_size=c.batch_size, seed=c.seed, stop=stop)
+    del inputs
+    if losses is None:
+        return None
+    val_loader = make_loader(data.val_set, batch_size=c.batch_size, shuffle=False, seed=c.seed,
+                             workers=c.workers)   # the whole split: only this process works
+    out = engine.predict(model, val_loader, normalizer=data.normalizer, target=data.target,
+                         aux_scaler=data.aux_scaler, device=device, amp=c.amp)
+    calibrate(model.quantile_head, out, data.target)
+    record = {"epoch": int(ckpt["epoch"]), "jets": len(rows), "views": views, "epochs": c.head_epochs,
+              "loss_before": losses[0], "loss_after": losses[1], "val_jets": len(out["pred"])}
+    return model.state_dict(), record
 
 
 def head_rows(n: int, views: int, seed: int) -> np.ndarray:

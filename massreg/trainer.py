@@ -11,7 +11,6 @@ the run returns; --resume continues there, to the result of an uninterrupted run
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import signal
@@ -441,9 +440,6 @@ def save_epoch(s: RunState, row: dict, better_loss: bool, better_mre: bool, say)
 
 # ---------------------------------------------------------------- the quantile head's final fit
 
-CHECKPOINTS = ("last.pt", "best_val_loss.pt", "best_mre.pt")
-
-
 def finish_run(s: RunState, say) -> int | None:
     """What follows the last epoch, under a StepGate: the quantile heads' final fit (a stop signal ends it
     between two of its steps, and its number is returned: --resume fits the rest), then the plots (rank 0;
@@ -451,7 +447,11 @@ def finish_run(s: RunState, say) -> int | None:
     c, d, data = s.config, s.d, s.data
     with StepGate(rank=d.rank, world=d.world, device=d.device) as gate:
         if c.quantiles and c.head_epochs > 0:
-            finish_heads(s, gate, say)
+            if d.main:               # rank 0 works, leaving at once when the gate's flag is raised
+                headfit.finish_checkpoints(s.run_dir, s.raw_model, data, c, d.device,
+                                           stop=lambda: gate.flag.requested, say=say)
+            if d.world > 1:
+                dist.barrier()
             if gate.poll()[0]:       # collective under DDP: a signal on any rank stops every rank
                 return gate.signum
         if d.main:
@@ -461,67 +461,6 @@ def finish_run(s: RunState, say) -> int | None:
                 for path in paths or ():
                     s.tb.image(s.step, f"plots/{path.stem}", path.read_bytes())
     return None
-
-
-def finish_heads(s: RunState, gate: StepGate, say) -> None:
-    """The quantile head of every checkpoint of the finished run fitted again on its own frozen trunk
-    (massreg.headfit), calibrated on val and written back (atomically) with a "head_fit" record. A checkpoint
-    whose record is of its epoch is done: a resumed run (stopped during this, or extended by --epochs) does
-    the rest. Checkpoints of one epoch hold one model, fitted once. Rank 0 works, leaving at once when the
-    gate's flag is raised (the checkpoint in progress is not written); the others wait."""
-    if s.d.main:
-        done: dict[int, tuple[dict, dict]] = {}     # epoch -> (the fitted model's state_dict, its record)
-        for name in CHECKPOINTS:
-            path = s.run_dir / name
-            if not path.exists():
-                continue
-            ckpt = ck.load_checkpoint(path)                 # on the CPU: one model at a time on the device
-            epoch = int(ckpt["epoch"])
-            if (ckpt.get("head_fit") or {}).get("epoch") == epoch:
-                continue
-            if epoch not in done:
-                fitted = fit_checkpoint_head(s, ckpt, stop=lambda: gate.flag.requested)
-                if fitted is None:
-                    break
-                done[epoch] = fitted
-                info = fitted[1]
-                say(f"quantile head of {name} (epoch {epoch}) fitted on its trunk: {info['jets']} train jets x "
-                    f"{info['views']} flip(s), {info['epochs']} epochs, pinball loss {info['loss_before']:.4f} "
-                    f"-> {info['loss_after']:.4f}; widths calibrated on {info['val_jets']} val jets")
-            state, info = done[epoch]
-            write_or_fail(path, ck.save_checkpoint, ck.to_plain({**ckpt, "model": state, "head_fit": info}))
-    if s.d.world > 1:
-        dist.barrier()
-
-
-def fit_checkpoint_head(s: RunState, ckpt: dict, stop) -> tuple[dict, dict] | None:
-    """(state_dict, record) of the checkpoint's model with its quantile head fitted on the train jets (in
-    the flips of --flips) and calibrated on the whole val split; the run's model is not touched. None when
-    stop() turned true before the end."""
-    c, data = s.config, s.data
-    model = copy.deepcopy(s.raw_model)
-    model.load_state_dict(ckpt["model"])
-    views = len(engine.FLIP_DIMS) if c.flips else 1
-    rows = headfit.head_rows(len(data.fit_set), views, c.seed)
-    loader = make_loader(Subset(data.fit_set, rows.tolist()), batch_size=c.batch_size, shuffle=False,
-                         seed=c.seed, workers=c.workers)
-    inputs = headfit.trunk_outputs(model, loader, normalizer=data.normalizer, target=data.target,
-                                   aux_scaler=data.aux_scaler, device=s.d.device, flips=c.flips, amp=c.amp,
-                                   weights=data.weights, progress=True, stop=stop)
-    losses = None if inputs is None else headfit.fit_quantile_head(
-        model.quantile_head, inputs, epochs=c.head_epochs, batch_size=c.batch_size, seed=c.seed, stop=stop)
-    del inputs
-    if losses is None:
-        return None
-    before, after = losses
-    val_loader = make_loader(data.val_set, batch_size=c.batch_size, shuffle=False, seed=c.seed,
-                             workers=c.workers)   # the whole split: only this rank works
-    out = engine.predict(model, val_loader, normalizer=data.normalizer, target=data.target,
-                         aux_scaler=data.aux_scaler, device=s.d.device, amp=c.amp)
-    calibrate(model.quantile_head, out, data.target)
-    record = {"epoch": int(ckpt["epoch"]), "jets": len(rows), "views": views, "epochs": c.head_epochs,
-              "loss_before": before, "loss_after": after, "val_jets": len(out["pred"])}
-    return model.state_dict(), record
 
 
 # ---------------------------------------------------------------- the run

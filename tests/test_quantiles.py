@@ -225,7 +225,7 @@ def test_a_finished_run_fits_the_head_of_every_checkpoint_once(tmp_path, monkeyp
     """--head-epochs: every checkpoint's quantile head is fitted on its own trunk and recorded; the point
     weights are those of the run without it; a run stopped before the end, or by a signal during the fit, and
     resumed writes bitwise the same checkpoints; resuming the finished run again changes nothing."""
-    from massreg import trainer
+    from massreg import headfit
     from massreg.dataset import H5Images
     from massreg.trainer import train
 
@@ -242,19 +242,19 @@ def test_a_finished_run_fits_the_head_of_every_checkpoint_once(tmp_path, monkeyp
     train(build_config(resume=str(tmp_path / "resumed")), echo=quiet)
     # SIGTERM in the head's fit (a batch system's warning just after the last epoch): the trainer's line, the
     # signal's number, no checkpoint half-fitted; --resume fits them all
-    real = trainer.fit_checkpoint_head
+    real = headfit.fit_checkpoint_head
 
     def signalled(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
-    monkeypatch.setattr(trainer, "fit_checkpoint_head", signalled)
+    monkeypatch.setattr(headfit, "fit_checkpoint_head", signalled)
     lines = []
     result = train(build_config(**opts, head_epochs=2, run_dir=str(tmp_path / "stopped")),
                    echo=lambda msg, **k: lines.append(msg))
     assert result["stopped"] == signal.SIGTERM and result["epoch"] == 2
     assert "interrupted by SIGTERM after epoch 2 (training done; in the quantile head's final fit" in lines[-1]
     assert all("head_fit" not in torch.load(p, weights_only=True) for p in (tmp_path / "stopped").glob("*.pt"))
-    monkeypatch.setattr(trainer, "fit_checkpoint_head", real)
+    monkeypatch.setattr(headfit, "fit_checkpoint_head", real)
     train(build_config(resume=str(tmp_path / "stopped")), echo=quiet)
     load = lambda run, name: torch.load(tmp_path / run / name, weights_only=True)   # noqa: E731
     for name in ("last.pt", "best_val_loss.pt", "best_mre.pt"):
